@@ -6,6 +6,7 @@ HTTP status it maps to.  The mapping lives here and nowhere else.
 
     QvdError                      500  internal
     ├── ConfigError               400  config-invalid      (wrong key or value; names key, value, allowed)
+    ├── MalformedRequest          400  malformed           (not JSON, not an object)
     ├── InputError                422  invalid-input       (a value does not fit its field)
     │   ├── FilterError           400  invalid-filter      (bad filter, field or operator)
     │   └── MissingArgument       422  missing-argument
@@ -42,6 +43,11 @@ class QvdError(Exception):
 
 class ConfigError(QvdError):
     code = "config-invalid"
+    http_status = 400
+
+
+class MalformedRequest(QvdError):
+    code = "malformed"
     http_status = 400
 
 

@@ -9,6 +9,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from qvd.core.errors import ConfigError
 
@@ -29,8 +30,12 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as e:
+        where = engine.url.render_as_string(hide_password=True)
+        raise ConfigError(f"cannot open the database {where}: {e.orig}") from None
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
