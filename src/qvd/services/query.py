@@ -43,6 +43,7 @@ class ResourceView:
     fields: Mapping[str, Field]
     id_field: str = "id"
     default_order: tuple[str, ...] = ("id",)
+    extra_fields: tuple[str, ...] = ()  # computed after the query (properties, tags, ...)
     scope: Callable[[Any], ColumnElement[bool] | None] = field(default=lambda actor: None)
 
 
@@ -208,10 +209,11 @@ def list_rows(
         raise FilterError(f"limit must be between 1 and {max_limit}")
     names = list(view.fields)
     if fields:
-        unknown = [f for f in fields if f not in view.fields]
+        unknown = [f for f in fields if f not in view.fields and f not in view.extra_fields]
         if unknown:
-            raise FilterError(f"unknown field(s) {', '.join(unknown)} for {view.name}; allowed: {', '.join(names)}")
-        names = [view.id_field, *[f for f in fields if f != view.id_field]]
+            allowed = ", ".join([*names, *view.extra_fields])
+            raise FilterError(f"unknown field(s) {', '.join(unknown)} for {view.name}; allowed: {allowed}")
+        names = [view.id_field, *[f for f in fields if f != view.id_field and f in view.fields]]
     cond = compile_filter(view, filters)
     scope = view.scope(actor)
     if scope is not None:

@@ -51,6 +51,7 @@ ADMIN = ResourceView(
     base=lambda: select(Administrator.id)
     .select_from(Administrator)
     .outerjoin(_admin_tenant, _admin_tenant.id == Administrator.tenant_id),
+    extra_fields=("roles",),
     fields={
         "id": F(Administrator.id, "int"),
         "name": F(Administrator.name, "str"),
@@ -76,6 +77,7 @@ _user_vms_connected = (
 USER = ResourceView(
     name="user",
     base=lambda: select(User.id).select_from(User).join(Tenant, Tenant.id == User.tenant_id),
+    extra_fields=("properties",),
     fields={
         "id": F(User.id, "int"),
         "name": F(User.login, "str"),
@@ -95,6 +97,7 @@ USER = ResourceView(
 OSF = ResourceView(
     name="osf",
     base=lambda: select(Osf.id).select_from(Osf).join(Tenant, Tenant.id == Osf.tenant_id),
+    extra_fields=("properties",),
     fields={
         "id": F(Osf.id, "int"),
         "name": F(Osf.name, "str"),
@@ -124,6 +127,7 @@ DI = ResourceView(
     .select_from(Di)
     .join(Osf, Osf.id == Di.osf_id)
     .join(Tenant, Tenant.id == Osf.tenant_id),
+    extra_fields=("properties", "tags"),
     fields={
         "id": F(Di.id, "int"),
         "osf_id": F(Di.osf_id, "int"),
@@ -160,6 +164,7 @@ VM = ResourceView(
     .outerjoin(_tag, and_(_tag.osf_id == Vm.osf_id, _tag.tag == Vm.di_tag))
     .outerjoin(_tag_di, _tag_di.id == _tag.di_id)
     .outerjoin(_cur_di, _cur_di.id == VmRuntime.current_di_id),
+    extra_fields=("properties", "mac"),
     fields={
         "id": F(Vm.id, "int"),
         "name": F(Vm.name, "str"),
@@ -198,6 +203,7 @@ VM = ResourceView(
 HOST = ResourceView(
     name="host",
     base=lambda: select(Host.id).select_from(Host).join(HostRuntime, HostRuntime.host_id == Host.id),
+    extra_fields=("properties",),
     fields={
         "id": F(Host.id, "int"),
         "name": F(Host.name, "str"),

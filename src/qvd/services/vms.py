@@ -72,7 +72,8 @@ def _with_extras(s: Session, cfg: Config, items: list[dict[str, Any]]) -> None:
     prefix = cfg.get_str("vm.network.mac.prefix")
     for i in items:
         i["properties"] = props[i["id"]]
-        i["mac"] = mac_for(i["ip"], prefix) if "ip" in i else None
+        if "ip" in i:
+            i["mac"] = mac_for(i["ip"], prefix)
 
 
 def list_vms(factory: sessionmaker[Session], actor: Actor, node: Config, **q: Any) -> Page:
