@@ -56,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     cfgsub = cfg.add_subparsers(dest="cfgcmd", metavar="ACTION")
     cfgsub.add_parser("keys", help="list every configuration key with its default")
     cfgsub.add_parser("check", help="validate $QVD_ROOT/etc/node.toml")
+    img = sub.add_parser("image", help="desktop images")
+    imgsub = img.add_subparsers(dest="imgcmd", metavar="ACTION")
+    b = imgsub.add_parser("build", help="build a desktop image (cached by its inputs) and register it as a DI")
+    b.add_argument("--profile", choices=("minimal", "xfce"), default="minimal")
+    b.add_argument("--packages", help="comma-separated Debian packages to add to the profile")
+    b.add_argument("--osf", required=True, help="OSF the new DI belongs to")
+    b.add_argument("--tenant", default="default", help="tenant of the OSF (default: default)")
+    b.add_argument("--create-osf", action="store_true", help="create the OSF if it does not exist")
+    b.add_argument("--tag", action="append", default=[], help="extra tag for the DI (repeatable)")
+    b.add_argument("--version", dest="di_version", help="DI version (default: YYYY-MM-DD-NNN)")
+    sub.add_parser("up", help="run a complete single node (HKD, L7R, API) in the foreground")
     args = p.parse_args(argv)
     if args.cmd is None:
         p.print_help()
@@ -74,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "db" and args.dbcmd == "upgrade":
             return db_upgrade(node)
+        if args.cmd == "image" and args.imgcmd == "build":
+            from qvd.cli.images import cmd_build
+            from qvd.db.schema import require_current
+
+            require_current(node.engine)
+            return cmd_build(node, args.profile, args.packages, args.osf, args.tenant, args.tag, args.di_version,
+                             args.create_osf)
+        if args.cmd == "up":
+            from qvd.cli.up import up
+
+            db_upgrade(node)
+            return up(node)
         if args.cmd == "db" and args.dbcmd == "status":
             cur, head = schema.current_revision(node.engine), schema.head_revision()
             print(f"schema revision: {cur or 'none'} (this version needs {head})")
