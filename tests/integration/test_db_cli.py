@@ -39,7 +39,7 @@ def root_and_url(tmp_path: Path, db_kind: str):  # type: ignore[no-untyped-def]
 
 
 def test_db_upgrade_creates_schema_and_first_admin(root_and_url) -> None:  # type: ignore[no-untyped-def]
-    root, url = root_and_url
+    root, _url = root_and_url
     r = run_qvd(root, "db", "upgrade")
     assert r.returncode == 0, r.stderr
     assert "upgraded from empty" in r.stdout and "login:    admin" in r.stdout

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from enum import Enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
