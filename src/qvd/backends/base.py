@@ -58,6 +58,9 @@ class DesktopSpec:
     user_storage_mb: int = 0
     vma_port: int = 3030
     nx_port: int = 4100
+    # Backend-specific per-desktop settings.  LXC: only VMA configuration keys
+    # (vma.*, internal.nxagent.*, log.level), written to the desktop's
+    # /etc/qvd/vma.toml over the node's values; any other key is refused.
     extra: dict[str, str] = field(default_factory=dict)
 
 
