@@ -148,6 +148,14 @@ def api(node: NodeFx) -> Iterator[RunningApi]:
         thread.join(10)
 
 
+@pytest.fixture(scope="session")
+def minimal_image() -> Path:
+    """The real minimal desktop image (built once, cached by its inputs)."""
+    from tests.images import build_minimal_image
+
+    return build_minimal_image()
+
+
 def make_fake_di(path: Path, *, version_note: str = "test") -> Path:
     """A tiny tarball shaped like a QVD desktop image (enough for import checks,
     not for running: real desktops use the image built by `qvd image build`)."""
