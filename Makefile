@@ -30,13 +30,13 @@ pg:
 	scripts/pg-setup.sh
 
 lint:
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests $(wildcard bench)
 
 typecheck:
 	$(VENV)/bin/mypy
 
 pytest:
-	$(VENV)/bin/pytest -q
+	QVD_TEST_REQUIRE_PG=1 $(VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
