@@ -12,7 +12,7 @@ RUN_PKGS=(
 )
 TEST_PKGS=(
   xvfb xdotool xterm x11-utils x11-xserver-utils imagemagick openbox x11-apps
-  busybox-static socat x11vnc tigervnc-viewer slapd ldap-utils
+  busybox-static socat x11vnc tigervnc-viewer slapd ldap-utils tesseract-ocr tesseract-ocr-eng
 )
 
 case "${1:-run}" in
