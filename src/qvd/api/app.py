@@ -381,6 +381,9 @@ def create_app(factory: sessionmaker[Session], node: Config, paths: Paths) -> Fa
         return {"version": qvd.__version__, "api": "v1"}
 
     app.include_router(api)
+    from qvd.api.auth_routes import auth_router  # local import: auth_routes imports this module
+
+    app.include_router(auth_router())
     return app
 
 

@@ -49,7 +49,7 @@ RESOURCES: dict[str, str] = {
 
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "vm": ("id", "name", "user_name", "state", "host_name", "ip", "di_tag", "blocked", "user_state"),
-    "user": ("id", "name", "tenant", "blocked", "number_of_vms"),
+    "user": ("id", "name", "tenant", "blocked", "number_of_vms", "totp_enabled", "failed_logins", "locked_until"),
     "host": ("id", "name", "address", "state", "blocked"),
     "osf": ("id", "name", "tenant", "memory", "overlay", "user_storage", "number_of_dis", "number_of_vms"),
     "di": ("id", "osf_name", "version", "disk_image", "tags", "blocked", "state"),
@@ -70,6 +70,7 @@ _DONE: dict[str, str] = {
     "start": "start requested for", "stop": "stop requested for",
     "disconnect": "disconnect requested for", "stop_vms": "stop requested for every VM of",
     "tag": "tagged", "untag": "untagged", "prop": "set properties on", "unprop": "removed properties from",
+    "unlock": "unlocked",
 }
 
 _ENV_SETTINGS = {"url": "QVD_API_URL", "login": "QVD_ADMIN_LOGIN", "password": "QVD_ADMIN_PASSWORD"}
@@ -99,6 +100,8 @@ verbs:
   tag t1, t2  untag t1      di tags
   prop k=v  unprop k        custom properties (user vm host osf di)
   config: get, set key=value [, tenant=NAME], default (revert to the default)
+  user: totp enable (prints the secret, its otpauth URI and a QR code; --qr-png FILE
+  also writes the QR code as a PNG), totp disable, unlock (forget failed logins)
   An action without a filter needs --force.
 
 examples:
@@ -107,6 +110,7 @@ examples:
   qa vm id=[1:20] block
   qa di osf_name=desktop tag default
   qa config set l7r.auth.plugins=ldap
+  qa user alice totp enable --qr-png alice.png
   qa user get order desc name
 
 settings (later wins): $QVD_ROOT/etc/qa.toml, ~/.config/qvd/qa.toml, QVD_API_URL,
@@ -418,14 +422,37 @@ def refusal(cmd: Command, force: bool) -> str | None:
     return None
 
 
+def write_qr(uri: str, out: TextIO | None, png: str | None) -> str | None:
+    """Draw ``uri`` as a QR code on ``out`` (if given) and, with ``png``, into that file (mode 0600:
+    it holds a secret).  Returns a warning when the QR code cannot be made (the URI is shown anyway)."""
+    try:
+        import segno  # optional: the secret and the URI are enough to enrol by hand
+    except ImportError:
+        return "the Python package 'segno' is not installed: no QR code (type the secret in the app instead)"
+    qr = segno.make(uri, error="m")
+    if out is not None:
+        qr.terminal(out=out, compact=True, border=2)
+    if png:
+        try:
+            fd = os.open(png, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                qr.save(fh, kind="png", scale=8, border=4)
+        except OSError as exc:
+            return f"cannot write {png}: {exc.strerror or exc}"
+    return None
+
+
 class _Runner:
-    def __init__(self, client: ApiClient, cmd: Command, fmt: str, out: TextIO, err: TextIO) -> None:
+    def __init__(self, client: ApiClient, cmd: Command, fmt: str, out: TextIO, err: TextIO,
+                 qr_png: str | None = None) -> None:
         self.client = client
         self.cmd = cmd
         self.fmt = fmt
         self.out = out
         self.err = err
         self.path = RESOURCES[cmd.obj]
+        self.qr_png = qr_png
+        self._qr_written = False
 
     def run(self) -> int:
         if self.cmd.verb == "get":
@@ -536,6 +563,8 @@ class _Runner:
         elif cmd.verb == "unprop":
             for prop in cmd.args["keys"]:
                 answer = self.client.call("DELETE", f"{base}/properties/{_segment(prop)}")
+        elif cmd.verb == "totp":
+            answer = self.client.call("POST" if cmd.args["totp"] == "enable" else "DELETE", f"{base}/totp")
         else:
             answer = self.client.call("POST", f"{base}/{cmd.verb}")
         return answer if isinstance(answer, dict) else {"id": ident}
@@ -550,14 +579,43 @@ class _Runner:
             print(f"qa: error: {self.cmd.obj} {ident}: {exc}", file=self.err)
         if self.fmt == "json":
             _print_json([result for _, result in done], self.out)
+            totp_uri = done[0][1].get("uri") if done and isinstance(done[0][1], dict) else None
+            if self.cmd.verb == "totp" and self.qr_png and isinstance(totp_uri, str):
+                warning = write_qr(totp_uri, None, self.qr_png)  # stdout stays pure JSON
+                if warning:
+                    print(f"qa: warning: {warning}", file=self.err)
         else:
             for ident, result in done:
                 print(self.describe(ident, result), file=self.out)
+                if self.cmd.verb == "totp" and self.cmd.args.get("totp") == "enable":
+                    self.show_totp(result)
             print(f"Total: {len(done)}", file=self.out)
         return EXIT_ERROR if failed else EXIT_OK
 
+    def show_totp(self, result: Any) -> None:
+        """The new secret, once: for the user's authenticator app."""
+        if not isinstance(result, dict) or not isinstance(result.get("uri"), str):
+            return
+        print(f"  secret: {result.get('secret')}", file=self.out)
+        print(f"  uri:    {result['uri']}", file=self.out)
+        # Several users matched: the PNG file is for the first one only.
+        png = None if self._qr_written else self.qr_png
+        warning = write_qr(result["uri"], self.out, png)
+        self._qr_written = True
+        if warning:
+            print(f"qa: warning: {warning}", file=self.err)
+        elif png:
+            print(f"  QR code written to {png} (it holds the secret: hand it over and delete it)", file=self.out)
+        if result.get("enforced") is False:
+            print("qa: warning: the tenant's authentication chain has no 'totp' plugin, so the code is not "
+                  "asked yet: qa config set l7r.auth.plugins.head=totp, tenant=...", file=self.err)
+
     def describe(self, ident: Any, result: Any) -> str:
         cmd = self.cmd
+        if cmd.verb == "totp":
+            user = result.get("user", result) if isinstance(result, dict) else result
+            state = "enabled" if cmd.args.get("totp") == "enable" else "disabled"
+            return f"TOTP {state} for user {ident}{_label(cmd.obj, user)}"
         if cmd.obj == "config":
             if cmd.verb == "set":
                 value = result.get("value") if isinstance(result, dict) else None
@@ -620,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-f", "--format", choices=FORMATS, help="output format (default table)")
     parser.add_argument("--root", help="QVD root holding etc/qa.toml (default $QVD_ROOT or /var/lib/qvd)")
     parser.add_argument("--force", action="store_true", help="allow an action without a filter")
+    parser.add_argument("--qr-png", metavar="FILE", help="user ... totp enable: also write the QR code to FILE")
     parser.add_argument("--insecure", action="store_const", const=True, default=None,
                         help="do not verify the API's TLS certificate")
     parser.add_argument("--version", action="version", version=f"qa {qvd.__version__}")
@@ -673,7 +732,7 @@ def main(argv: list[str] | None = None, *, transport: httpx.BaseTransport | None
         with ApiClient(settings.url, verify=not settings.insecure, transport=transport) as client:
             client.login(settings.login, password, settings.tenant)
             try:
-                return _Runner(client, cmd, settings.format, out, err).run()
+                return _Runner(client, cmd, settings.format, out, err, qr_png=opts.qr_png).run()
             finally:
                 client.logout()
     except QaError as exc:

@@ -13,6 +13,7 @@
     bare-value  := scalar | list                         name= (di: id= or version=, config: key=)
     verb-args   := assignment ([','] assignment)*        new, set, prop
                  | name ([','] name)*                    get (fields), tag, untag, unprop
+                 | 'enable' | 'disable'                  totp (user)
     order       := 'order' ['asc' | 'desc'] field ([','] field)*
 
 Commas between verb arguments are optional, so the shell-friendly ``new name=a password=b``
@@ -49,8 +50,10 @@ NAME_VERBS = frozenset({"get", "tag", "untag", "unprop"})
 # Verbs that act on objects that already exist: the CLI resolves the filter to ids first.
 ACTION_VERBS = frozenset({
     "set", "del", "block", "unblock", "start", "stop", "disconnect", "stop_vms",
-    "tag", "untag", "prop", "unprop", "default",
+    "tag", "untag", "prop", "unprop", "default", "totp", "unlock",
 })
+#: ``user ... totp enable|disable``
+TOTP_MODES = ("enable", "disable")
 
 FILTER_ALIASES: dict[str, dict[str, str]] = {
     "vm": {"user": "user_name", "osf": "osf_name", "tag": "di_tag", "host": "host_name", "di": "di_version"},
@@ -103,6 +106,8 @@ def verbs_for(obj: str) -> tuple[str, ...]:
         verbs += ["tag", "untag"]
     if obj in _WITH_PROPERTIES:
         verbs += ["prop", "unprop"]
+    if obj == "user":
+        verbs += ["totp", "unlock"]
     return tuple(verbs)
 
 
@@ -326,6 +331,11 @@ class _Parser:
             args = {"tags": self.names("a tag", required=True, quoted_ok=True)}
         elif verb == "unprop":
             args = {"keys": self.names("a property key", required=True, quoted_ok=True)}
+        elif verb == "totp":
+            mode_tok = self.peek()
+            if not self.at_word(*TOTP_MODES):
+                raise self.error(f"expected {' or '.join(TOTP_MODES)} after 'totp'", mode_tok)
+            args = {"totp": self.advance().value.lower()}
         order: list[str] = []
         if self.at_word("order"):
             if verb != "get":

@@ -115,9 +115,17 @@ _KEY_LIST: list[Key] = [
     _k("l7r.auth.plugin.totp.t0", "int", 0, "TOTP epoch offset", tenant=True),
     _k("l7r.auth.plugin.totp.leeway", "int", 1, "steps accepted before now", minimum=0, tenant=True),
     _k("l7r.auth.plugin.totp.leeway_before", "int", 0, "steps accepted after now", minimum=0, tenant=True),
+    _k("l7r.auth.plugin.totp.optional", "bool", False, "users without a TOTP secret log in with the password "
+       "alone (default: every user of a tenant using the totp plugin needs one)", tenant=True),
+    _k("l7r.auth.plugin.totp.issuer", "str", "QVD", "issuer shown by authenticator apps", tenant=True),
     _k("l7r.auth.lockout.max_failures", "int", 5, "failures before a temporary lockout", minimum=1,
        tenant=True),
     _k("l7r.auth.lockout.time", "int", 300, "lockout duration, seconds", minimum=1, tenant=True),
+    _k("l7r.auth.lockout.delay", "float", 1.0, "pause imposed after the n-th consecutive failed login of a "
+       "login name, n >= 2: delay * 2^(n-2) seconds, at most l7r.auth.lockout.time (0 = none)", minimum=0,
+       tenant=True),
+    _k("l7r.auth.lockout.address.max_failures", "int", 100, "failed logins from one client address within "
+       "l7r.auth.lockout.time before the address is locked out (0 = no per-address lockout)", minimum=0),
     _k("l7r.auth.token.ttl", "int", 24 * 3600, "lifetime of a user bearer token, seconds", minimum=1,
        tenant=True),
     _k("auth.ldap.host", "str", "", "LDAP URL(s), ldap://host or ldaps://host", tenant=True),

@@ -11,6 +11,7 @@ HTTP status it maps to.  The mapping lives here and nowhere else.
     │   ├── FilterError           400  invalid-filter      (bad filter, field or operator)
     │   └── MissingArgument       422  missing-argument
     ├── AuthenticationFailed      401  unauthenticated
+    │   └── TooManyFailures       401  too-many-failures   (login or address locked out for a while)
     ├── Forbidden                 403  forbidden
     │   └── Blocked               403  blocked             (user, tenant, VM, DI or host blocked)
     ├── NotFound                  404  not-found
@@ -69,6 +70,17 @@ class MissingArgument(InputError):
 class AuthenticationFailed(QvdError):
     code = "unauthenticated"
     http_status = 401
+
+
+class TooManyFailures(AuthenticationFailed):
+    """Refused without looking at the credentials: too many recent failures.
+
+    ``message`` names the login or address and is only logged; clients get
+    :attr:`public_message`, the same whether the login exists or not.
+    """
+
+    code = "too-many-failures"
+    public_message = "Too many failed logins, try again later"
 
 
 class Forbidden(QvdError):

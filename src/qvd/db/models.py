@@ -217,6 +217,10 @@ class User(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # TOTP second factor: the secret sealed with AES-GCM (qvd.core.secretbox), never in clear; and the
+    # last time step accepted, so that a code cannot be replayed (not even on another L7R node).
+    totp_secret: Mapped[str | None] = mapped_column(Text)
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     tenant: Mapped[Tenant] = relationship(lazy="joined")
 
 
@@ -400,6 +404,30 @@ class UserToken(Base):
     multi_use: Mapped[bool] = mapped_column(Boolean, default=False)
     used_at: Mapped[dt.datetime | None]
     auth_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class LoginFailure(Base):
+    """Recent failed logins of one login name of a tenant, whether a user has that name or not
+    (so that a lockout does not reveal which logins exist).  Shared by every L7R of the cluster."""
+
+    __tablename__ = "login_failures"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    login: Mapped[str] = mapped_column(String(255), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    first_failure_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    locked_until: Mapped[dt.datetime | None]
+
+
+class AddressFailure(Base):
+    """Recent failed logins from one client address (any login, any tenant)."""
+
+    __tablename__ = "address_failures"
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    first_failure_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    locked_until: Mapped[dt.datetime | None]
 
 
 class AuditEntry(Base):

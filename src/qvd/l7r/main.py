@@ -117,7 +117,7 @@ class L7rService:
             log.warning("l7r.use_ssl is false: passwords travel in clear (use only for tests)")
 
         configs = ConfigCache(self.factory, cfg)
-        chain = AuthChain(PluginContext(self.factory, cfg, host_id), configs)
+        chain = AuthChain(PluginContext(self.factory, cfg, host_id, self.paths), configs)
         names = await asyncio.to_thread(chain.validate)
         log.info("authentication plugins: %s", ", ".join(names))
 

@@ -24,7 +24,7 @@ import logging
 import ssl
 from collections.abc import Mapping
 
-from qvd.core.errors import AuthenticationFailed
+from qvd.core.errors import AuthenticationFailed, TooManyFailures
 from qvd.l7r.auth.base import Identity
 from qvd.l7r.auth.credentials import parse_auth_extras
 from qvd.l7r.broker import Broker, Reply, TunnelReady, unavailable
@@ -176,6 +176,9 @@ class ClientConnection:
             return Reply.text(503, reason)
         try:
             ident = await self.identity(req)
+        except TooManyFailures:
+            # Same words whether the login exists or not; the log has the details.
+            return Reply.text(401, TooManyFailures.public_message, AUTH_CHALLENGE)
         except AuthenticationFailed as e:
             text = "Authentication required" if e.message == "authentication required" else "Authentication failed"
             return Reply.text(401, f"{text}: wrong or missing user name, password or token", AUTH_CHALLENGE)

@@ -15,6 +15,7 @@ from qvd.db.models import (
     DiTag,
     Host,
     HostRuntime,
+    LoginFailure,
     Osf,
     Tenant,
     User,
@@ -74,6 +75,19 @@ _user_vms_connected = (
     .correlate(User)
     .scalar_subquery()
 )
+# Brute-force lockout state of the user's login name (qvd.services.lockout); NULL = no recent failure.
+_user_failures = (
+    select(LoginFailure.failures)
+    .where(LoginFailure.tenant_id == User.tenant_id, LoginFailure.login == User.login)
+    .correlate(User)
+    .scalar_subquery()
+)
+_user_locked_until = (
+    select(LoginFailure.locked_until)
+    .where(LoginFailure.tenant_id == User.tenant_id, LoginFailure.login == User.login)
+    .correlate(User)
+    .scalar_subquery()
+)
 USER = ResourceView(
     name="user",
     base=lambda: select(User.id).select_from(User).join(Tenant, Tenant.id == User.tenant_id),
@@ -88,6 +102,9 @@ USER = ResourceView(
         "number_of_vms": F(_user_vms, "int"),
         "number_of_vms_connected": F(_user_vms_connected, "int"),
         "created_at": F(User.created_at, "datetime"),
+        "totp_enabled": F(User.totp_secret.is_not(None), "bool"),
+        "failed_logins": F(func.coalesce(_user_failures, 0), "int"),
+        "locked_until": F(_user_locked_until, "datetime"),
     },
     scope=lambda a: a.tenant_scope(User.tenant_id),
 )

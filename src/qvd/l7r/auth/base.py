@@ -4,7 +4,9 @@ A request is authenticated by a *chain* of plugins (:mod:`qvd.l7r.auth.chain`),
 named by the configuration keys ``l7r.auth.plugins.head`` + ``l7r.auth.plugins``
 + ``l7r.auth.plugins.tail`` (default: just ``default``, the database plugin).
 Plugins are found by name in the Python entry-point group ``qvd.auth``; a
-name that resolves to nothing stops the L7R at start.
+name that resolves to nothing stops the L7R at start, and so does a plugin
+whose :meth:`AuthPlugin.check_config` refuses the settings of any tenant that
+uses it (e.g. ``ldap`` without ``auth.ldap.host``).  See docs/auth-plugins.md.
 
 Every hook is optional: the base class implements each one as "no opinion"
 (``None``), and the chain asks the plugins in order.  Hooks run in a worker
@@ -44,22 +46,34 @@ handed to the desktop's agent (VMA) with ``x_start``: ``qvd.vm.user.name``
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from qvd.core.config import Config
+from qvd.core.config import Config, Paths, resolve_root
 
 
 @dataclass(frozen=True)
 class PluginContext:
-    """What a plugin gets at start: the database and the node's own configuration."""
+    """What a plugin gets at start: the database, the node's own configuration and its files."""
 
     factory: sessionmaker[Session]
     node_cfg: Config
     host_id: int
+    paths: Paths | None = None
+
+    @property
+    def node_paths(self) -> Paths:
+        """The node's files (``$QVD_ROOT``), e.g. ``etc/secret.key``."""
+        return self.paths if self.paths is not None else Paths(resolve_root())
+
+    @property
+    def actor_name(self) -> str:
+        """Who the audit log says acted when a plugin changes something: ``l7r:<node>``."""
+        return f"l7r:{self.node_cfg.get_str('nodename') or socket.gethostname()}"[:64]
 
 
 @dataclass
@@ -133,6 +147,12 @@ class AuthPlugin:
 
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
+
+    def check_config(self, cfg: Config, tenant_id: int | None) -> None:
+        """Called at L7R start for every tenant whose chain has this plugin (``tenant_id`` None: the
+        global configuration when no tenant exists).  Raise :class:`~qvd.core.errors.ConfigError`
+        naming the key to refuse to start; never called at a user's login."""
+        return None
 
     def find_tenant(self, raw_login: str, cfg: Config) -> tuple[str, str] | None:
         """(login, tenant name) for the typed login, or None to let the next plugin decide."""
