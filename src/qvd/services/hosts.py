@@ -11,7 +11,7 @@ from qvd.core.errors import AlreadyExists, InputError, InvalidState
 from qvd.core.states import HostState, VmState
 from qvd.db.models import Host, HostRuntime, ObjectType, Vm, VmRuntime
 from qvd.services.base import Actor, Change, audited, reading
-from qvd.services.common import NAME_RE, Args, delete_all_properties, properties_of, set_properties, view_row
+from qvd.services.common import NAME_RE, Args, delete_all_properties, set_properties, view_row, with_properties
 from qvd.services.lookup import get_host
 from qvd.services.query import Page, list_rows
 from qvd.services.views import HOST
@@ -20,11 +20,7 @@ from qvd.services.views import HOST
 def list_hosts(factory: sessionmaker[Session], actor: Actor, **q: Any) -> Page:
     actor.require("host.see")
     with reading(factory) as s:
-        page = list_rows(s, HOST, actor, **q)
-        props = properties_of(s, ObjectType.HOST, [i["id"] for i in page.items])
-        for i in page.items:
-            i["properties"] = props[i["id"]]
-        return page
+        return with_properties(s, list_rows(s, HOST, actor, **q), ObjectType.HOST)
 
 
 def get_host_row(factory: sessionmaker[Session], actor: Actor, hid: int) -> dict[str, Any]:

@@ -33,9 +33,9 @@ from qvd.services.common import (
     TAG_RE,
     Args,
     delete_all_properties,
-    properties_of,
     set_properties,
     view_row,
+    with_properties,
 )
 from qvd.services.lookup import get_di, get_osf, osf_by_ref, tenant_for_create
 from qvd.services.query import Page, list_rows
@@ -51,11 +51,7 @@ VERSION_RE = re.compile(r"^[\w][\w.:+-]{0,63}$")
 def list_osfs(factory: sessionmaker[Session], actor: Actor, **q: Any) -> Page:
     actor.require("osf.see")
     with reading(factory) as s:
-        page = list_rows(s, OSF, actor, **q)
-        props = properties_of(s, ObjectType.OSF, [i["id"] for i in page.items])
-        for i in page.items:
-            i["properties"] = props[i["id"]]
-        return page
+        return with_properties(s, list_rows(s, OSF, actor, **q), ObjectType.OSF)
 
 
 def get_osf_row(factory: sessionmaker[Session], actor: Actor, oid: int) -> dict[str, Any]:
@@ -165,11 +161,10 @@ def _di_row(s: Session, actor: Actor, di_id: int) -> dict[str, Any]:
 def list_dis(factory: sessionmaker[Session], actor: Actor, **q: Any) -> Page:
     actor.require("di.see")
     with reading(factory) as s:
-        page = list_rows(s, DI, actor, **q)
-        ids = [i["id"] for i in page.items]
-        props, tags = properties_of(s, ObjectType.DI, ids), _tags_of(s, ids)
+        page = with_properties(s, list_rows(s, DI, actor, **q), ObjectType.DI)
+        tags = _tags_of(s, [i["id"] for i in page.items])
         for i in page.items:
-            i["properties"], i["tags"] = props[i["id"]], tags[i["id"]]
+            i["tags"] = tags[i["id"]]
         return page
 
 

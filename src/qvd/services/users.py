@@ -17,26 +17,19 @@ from qvd.services.common import (
     Args,
     delete_all_properties,
     normalize_login,
-    properties_of,
     set_properties,
     view_row,
+    with_properties,
 )
 from qvd.services.lookup import effective_config, get_user, tenant_for_create
 from qvd.services.query import Page, list_rows
 from qvd.services.views import USER
 
 
-def _with_props(s: Session, page: Page, obj_type: ObjectType) -> Page:
-    props = properties_of(s, obj_type, [i["id"] for i in page.items])
-    for i in page.items:
-        i["properties"] = props[i["id"]]
-    return page
-
-
 def list_users(factory: sessionmaker[Session], actor: Actor, **q: Any) -> Page:
     actor.require("user.see")
     with reading(factory) as s:
-        return _with_props(s, list_rows(s, USER, actor, **q), ObjectType.USER)
+        return with_properties(s, list_rows(s, USER, actor, **q), ObjectType.USER)
 
 
 def get_user_row(factory: sessionmaker[Session], actor: Actor, uid: int) -> dict[str, Any]:
