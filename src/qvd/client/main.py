@@ -21,6 +21,7 @@ import getpass
 import logging
 import os
 import re
+import signal
 import ssl
 import sys
 from pathlib import Path
@@ -149,6 +150,11 @@ def print_vms(vms: list[VmEntry]) -> None:
 
 
 async def session(args: argparse.Namespace, password: str) -> int:
+    # SIGTERM ends the session like Ctrl-C does (asyncio.run cancels the main task on
+    # SIGINT): the cancellation unwinds through the splice and stops nxproxy.
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     auth = basic_auth(args.user, password)
     ctx = None if args.no_ssl else client_context()
     conn = await L7rConnection.open(args.host, args.port, auth, ctx)
@@ -199,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("qvd-client: interrupted")
         return 130
+    except asyncio.CancelledError:
+        say("qvd-client: terminated")
+        return 143
 
 
 if __name__ == "__main__":
