@@ -52,8 +52,3 @@ def open_node(root_arg: str | None, extra: dict[str, object] | None = None) -> N
 def fail(prog: str, err: QvdError | str, code: int = 1) -> int:
     print(f"{prog}: error: {err}", file=sys.stderr)
     return code
-
-
-def not_yet(prog: str, issue: str) -> int:
-    print(f"{prog}: not implemented yet ({issue}); this command does nothing for now", file=sys.stderr)
-    return 3

@@ -8,7 +8,6 @@ instead of overwriting.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from sqlalchemy import select, update
@@ -96,9 +95,3 @@ def cas_host_state(session: Session, host_id: int, expected: HostState, new: Hos
 def cas_update(session: Session, stmt: Any) -> bool:
     """Run a prepared conditional UPDATE; True when exactly one row matched."""
     return _rowcount(session.execute(stmt.execution_options(synchronize_session=False))) == 1
-
-
-def seconds_since(ts: dt.datetime | None, now: dt.datetime | None = None) -> float | None:
-    if ts is None:
-        return None
-    return ((now or utcnow()) - ts).total_seconds()

@@ -368,11 +368,3 @@ def delete_di(factory: sessionmaker[Session], actor: Actor, images: Path, di_id:
     for name in removed:
         if name:
             (images / name).unlink(missing_ok=True)
-
-
-def remove_stale_imports(images: Path) -> None:
-    """Remove temporary files of imports interrupted by a crash."""
-    if images.is_dir():
-        for p in images.glob(".import-*"):
-            p.unlink(missing_ok=True)
-

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qvd.core.config import Config, load_node_config
+from qvd.core.config import Config
 from qvd.core.errors import Forbidden, InputError, NotFound
 from qvd.db.models import Di, Host, Osf, Tenant, User, Vm
 from qvd.db.queries import load_db_config
@@ -130,7 +130,3 @@ def get_host(session: Session, actor: Actor, host_id: int) -> Host:
 def effective_config(session: Session, node: Config, tenant_id: int | None = None) -> Config:
     """Node config overlaid with the database's global (and tenant) rows."""
     return load_db_config(session, node, tenant_id)
-
-
-def node_config_for(root: Any) -> Config:
-    return load_node_config(root)
