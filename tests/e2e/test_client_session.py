@@ -194,7 +194,7 @@ def _port_open(port: int) -> bool:
 
 def client(stack: Stack, user: str, password: str, *extra: str) -> subprocess.Popen[bytes]:
     argv = [str(BIN / "qvd-client"), "--host", "127.0.0.1", "--port", str(stack.port), "--user", user,
-            "--password", password, "--insecure", "--geometry", "1024x768", *extra]
+            f"--password={password}", "--insecure", "--geometry", "1024x768", *extra]
     return subprocess.Popen(argv, env={**stack.env, "DISPLAY": stack.display}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -75,7 +75,7 @@ class Live:
         if display:
             env["DISPLAY"] = display
         argv = [sys.executable, "-m", "qvd.client.main", "--host", "127.0.0.1", "--port", str(self.port),
-                "--user", "alice", "--password", password, "--nxproxy", str(self.nxproxy), *args]
+                "--user", "alice", f"--password={password}", "--nxproxy", str(self.nxproxy), *args]
         return subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 

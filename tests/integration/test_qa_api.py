@@ -19,7 +19,7 @@ def run(api: RunningApi, capsys: pytest.CaptureFixture[str], tmp_path: Path, mon
     monkeypatch.setenv("HOME", str(tmp_path))
 
     def _run(*words: str, fmt: str = "json") -> tuple[int, str, str]:
-        code = qa.main(["--url", api.url, "--login", "admin", "--password", api.node.admin_password,
+        code = qa.main(["--url", api.url, "--login", "admin", f"--password={api.node.admin_password}",
                         "--format", fmt, *words])
         out, err = capsys.readouterr()
         return code, out, err

@@ -38,4 +38,8 @@ def token_hash(token: str) -> str:
 
 
 def random_password(nbytes: int = 18) -> str:
-    return secrets.token_urlsafe(nbytes)
+    """A random URL-safe password that never starts with '-' (it is typed on command lines)."""
+    while True:
+        password = secrets.token_urlsafe(nbytes)
+        if not password.startswith("-"):
+            return password
