@@ -8,6 +8,7 @@ Layout under the node root (``QVD_ROOT``)::
     storage/overlays/<vm_id>/work       overlayfs work dir (LXC derives it from upper's parent)
     storage/overlays/<vm_id>/.persistent  present when the layer is kept between starts
     storage/homes/<home_key>/           persistent, bind-mounted on /home in the desktop
+                                        (``path.storage.homes`` moves it, e.g. to shared storage)
     run/lxc/qvd-<vm_id>/config          generated LXC config (lxc-* -P run/lxc)
     run/lxc/qvd-<vm_id>/net-up          LXC network hook: isolates the veth before init runs
     log/lxc/qvd-<vm_id>.log             LXC's own log
@@ -46,7 +47,7 @@ from typing import ClassVar
 
 from qvd.backends import netsetup
 from qvd.backends.base import Backend, DesktopInfo, DesktopSpec, Endpoint, register
-from qvd.core.config import KEYS, Config
+from qvd.core.config import KEYS, Config, Paths
 from qvd.core.errors import BackendError, ImageError
 from qvd.images.validate import inspect_di_tarball
 
@@ -185,7 +186,7 @@ class LxcBackend(Backend):
         self.storage = root / "storage"
         self.basefs = self.storage / "basefs"
         self.overlays = self.storage / "overlays"
-        self.homes = self.storage / "homes"
+        self.homes = Paths.for_node(root, cfg).homes  # path.storage.homes: shared by a cluster's nodes
         self.lxcpath = root / "run" / "lxc"
         self.logdir = root / "log" / "lxc"
         self._di_locks: dict[int, asyncio.Lock] = {}

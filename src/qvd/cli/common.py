@@ -42,8 +42,9 @@ class Node:
 
 
 def open_node(root_arg: str | None, extra: dict[str, object] | None = None) -> Node:
-    paths = Paths(resolve_root(root_arg))
-    cfg = load_node_config(paths.root, extra)
+    root = resolve_root(root_arg)
+    cfg = load_node_config(root, extra)
+    paths = Paths.for_node(root, cfg)
     url = database_url(cfg, paths)
     engine = make_engine(url)
     return Node(paths, cfg, url, engine, make_sessionmaker(engine))

@@ -87,6 +87,11 @@ _KEY_LIST: list[Key] = [
        node_only=True),
     _k("node.frontend", "bool", True, "this node runs an L7R", node_only=True),
     _k("node.backend", "bool", True, "this node runs desktops (HKD)", node_only=True),
+    _k("path.storage.images", "str", "", "directory of the disk images (DIs); empty = $QVD_ROOT/storage/images. "
+       "In a cluster every node must see the same images: a shared directory (NFS, ...)", node_only=True),
+    _k("path.storage.homes", "str", "", "directory of the desktops' persistent homes; empty = "
+       "$QVD_ROOT/storage/homes. In a cluster: a directory shared by all nodes, so that a desktop restarted "
+       "on another node finds its home", node_only=True),
     _k("database.url", "str", "", "SQLAlchemy URL; empty = SQLite at $QVD_ROOT/qvd.db; for PostgreSQL "
        "postgresql+psycopg://user:pass@host/db", node_only=True),
     _k("log.level", "choice", "INFO", "log level of the daemons", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -208,6 +213,9 @@ _KEY_LIST: list[Key] = [
     _k("vm.network.ip.start", "ipv4", "10.231.0.100", "first desktop address; nodes use network+1..start-1"),
     _k("vm.network.netmask", "ipv4", "255.255.0.0", "netmask of the desktop network"),
     _k("vm.network.gateway", "str", "", "gateway given to desktops; empty = network + 1 (the bridge)"),
+    _k("vm.network.host.address", "str", "", "this node's address on the desktop network (between network + 1 "
+       "and vm.network.ip.start - 1, different on every node of a cluster); empty = the gateway (one node)",
+       node_only=True),
     _k("vm.network.domain", "str", "", "DNS domain of desktops"),
     _k("vm.network.mac.prefix", "str", "54:52:00", "first three octets of desktop MACs"),
     _k("internal.vm.network.firewall.enable", "bool", True, "isolate desktops with iptables"),
@@ -392,6 +400,18 @@ class Paths:
     """Every path of a node, all under one root."""
 
     root: Path
+    #: ``path.storage.images`` / ``path.storage.homes`` when set (shared storage of a cluster)
+    images_dir: Path | None = None
+    homes_dir: Path | None = None
+
+    @classmethod
+    def for_node(cls, root: Path, cfg: Config) -> Paths:
+        """The paths of a node, with the storage directories its configuration moves elsewhere."""
+        images, homes = cfg.get_str("path.storage.images"), cfg.get_str("path.storage.homes")
+        for key, value in (("path.storage.images", images), ("path.storage.homes", homes)):
+            if value and not Path(value).is_absolute():
+                raise ConfigError(f"invalid value {value!r} for configuration key '{key}': expected an absolute path")
+        return cls(root, Path(images) if images else None, Path(homes) if homes else None)
 
     @property
     def etc(self) -> Path:
@@ -427,7 +447,11 @@ class Paths:
 
     @property
     def images(self) -> Path:
-        return self.storage / "images"
+        return self.images_dir or self.storage / "images"
+
+    @property
+    def homes(self) -> Path:
+        return self.homes_dir or self.storage / "homes"
 
     @property
     def l7r_dir(self) -> Path:

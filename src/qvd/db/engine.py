@@ -15,6 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from qvd.core.config import Config, Paths
 from qvd.core.errors import ConfigError
 
+# Seconds to open a PostgreSQL connection; milliseconds a sent packet may stay unacknowledged.
+_PG_CONNECT_TIMEOUT = 4
+_PG_TCP_USER_TIMEOUT_MS = 4000
+
 
 def database_url(cfg: Config, paths: Paths) -> str:
     """``database.url`` or the embedded SQLite file under the node root."""
@@ -58,7 +62,11 @@ def make_engine(url: str, **kw: Any) -> Engine:
             dbapi_conn.isolation_level = None
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **kw)
+    # A node cut off from the database must notice within seconds (self-fencing), not after the
+    # kernel's TCP retransmission timeout (~15 min): bound connecting and unacknowledged writes.
+    connect_args = {"connect_timeout": _PG_CONNECT_TIMEOUT, "tcp_user_timeout": _PG_TCP_USER_TIMEOUT_MS,
+                    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2}
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args, **kw)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

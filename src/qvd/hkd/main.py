@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="node name (default: 'nodename' of the node file, else the host name)")
     p.add_argument("--address", help="address of this node for the others (default: 'node.address')")
     args = p.parse_args(argv)
-    paths = Paths(resolve_root(args.root))
+    root = resolve_root(args.root)
     try:
-        cfg = load_node_config(paths.root)
+        cfg = load_node_config(root)
+        paths = Paths.for_node(root, cfg)
     except QvdError as e:
         return fail(PROG, e, 2)
     name = args.name or cfg.get_str("nodename") or socket.gethostname()

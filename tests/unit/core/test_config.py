@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qvd.core.config import KEYS, Config, load_node_config, parse_value, resolve_root
+from qvd.core.config import KEYS, Config, Paths, load_node_config, parse_value, resolve_root
 from qvd.core.errors import ConfigError
 
 
@@ -90,3 +90,20 @@ def test_root_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("QVD_ROOT", str(tmp_path))
     assert resolve_root(None) == tmp_path
     assert resolve_root(str(tmp_path / "x")) == tmp_path / "x"
+
+
+def test_shared_storage_paths_come_from_the_node_config(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    default = Paths.for_node(root, Config())
+    assert default.images == root / "storage" / "images" and default.homes == root / "storage" / "homes"
+    cfg = Config().overlay({"path.storage.images": "/srv/qvd/images", "path.storage.homes": "/srv/qvd/homes"},
+                           source="node file")
+    shared = Paths.for_node(root, cfg)
+    assert shared.images == Path("/srv/qvd/images") and shared.homes == Path("/srv/qvd/homes")
+    assert shared.etc == root / "etc"
+
+
+def test_relative_shared_storage_path_is_refused(tmp_path: Path) -> None:
+    cfg = Config().overlay({"path.storage.homes": "homes"}, source="node file")
+    with pytest.raises(ConfigError, match=r"path\.storage\.homes"):
+        Paths.for_node(tmp_path, cfg)
