@@ -36,6 +36,7 @@ from qvd.l7r.broker import Broker
 from qvd.l7r.metrics import L7rMetrics
 from qvd.l7r.server import L7rServer
 from qvd.l7r.tls import ensure_certificate, fingerprint, server_context
+from qvd.services.placement import check_plugin
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class L7rService:
         chain = AuthChain(PluginContext(self.factory, cfg, host_id, self.paths), configs)
         names = await asyncio.to_thread(chain.validate)
         log.info("authentication plugins: %s", ", ".join(names))
+        await asyncio.to_thread(lambda: check_plugin(configs.get()))
 
         metrics = L7rMetrics()
         broker = Broker(factory=self.factory, node_cfg=cfg, host_id=host_id, chain=chain, configs=configs,

@@ -14,6 +14,7 @@ from qvd.db.models import ConfigRow
 from qvd.db.queries import load_db_config
 from qvd.services.base import Actor, Change, audited, reading
 from qvd.services.lookup import tenant_by_name
+from qvd.services.placement import check_plugin
 from qvd.services.query import Page
 
 
@@ -82,7 +83,9 @@ def set_config(factory: sessionmaker[Session], actor: Actor, node: Config, name:
         else:
             row.value = text
         s.flush()
-        load_db_config(s, node, tid)  # the whole layer must still load
+        eff = load_db_config(s, node, tid)  # the whole layer must still load
+        if name == "l7r.loadbalancer.plugin":
+            check_plugin(eff)  # an unknown plugin would only fail at the next start of an L7R
         ch.after = {"value": text}
         return {"key": name, "value": parsed, "tenant": tenant}
 

@@ -218,7 +218,7 @@ def start_vm_in_session(s: Session, vm: Vm, cfg: Config) -> Host:
         raise Conflict(f"OSF '{vm.osf.name}' has no disk image tagged '{vm.di_tag}'")
     if di.blocked:
         raise Blocked(f"disk image {di.id} ({vm.osf.name}/{di.version}) is blocked")
-    host = choose_host(s, cfg, vm.osf.memory)
+    host = choose_host(s, cfg, vm.osf.memory, vm.id)
     if host is None:
         raise Unavailable("no host available to run the VM (no running, unblocked node with enough free memory)")
     ok = cas_update(
