@@ -19,14 +19,15 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from qvd.client.protocol import ClientError
+from qvd.core.streams import copy_stream
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
 ACCEPT_TIMEOUT = 15.0
 
 
@@ -43,23 +44,10 @@ class SessionResult:
     nxproxy_status: int | None
 
 
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: list[int]) -> bool:
-    """Copy until EOF; True when the EOF could be passed on (half-close)."""
-    while True:
-        try:
-            data = await src.read(CHUNK)
-        except (OSError, ConnectionError):
-            data = b""
-        if not data:
-            break
-        dst.write(data)
-        counter[0] += len(data)
-        await dst.drain()
-    if dst.can_write_eof() and not dst.transport.is_closing():
-        with contextlib.suppress(OSError, RuntimeError):
-            dst.write_eof()
-            return True
-    return False
+def _adder(counter: list[int]) -> Callable[[int], None]:
+    def add(n: int) -> None:
+        counter[0] += n
+    return add
 
 
 async def _close(w: asyncio.StreamWriter) -> None:
@@ -131,8 +119,8 @@ async def run_session(
             p_writer.write(initial)
             down[0] += len(initial)
             await p_writer.drain()
-        t_up = asyncio.create_task(_copy(p_reader, t_writer, up))
-        t_down = asyncio.create_task(_copy(t_reader, p_writer, down))
+        t_up = asyncio.create_task(copy_stream(p_reader, t_writer, _adder(up)))
+        t_down = asyncio.create_task(copy_stream(t_reader, p_writer, _adder(down)))
         pending: set[asyncio.Task[bool]] = {t_up, t_down}
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

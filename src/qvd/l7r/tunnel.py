@@ -1,11 +1,11 @@
 """The byte pipe between a client (after ``101``) and the desktop's nxagent.
 
-The NX protocol is opaque here.  Two pumps copy 64 KiB reads each way and
-wait for the destination to drain before reading more (back-pressure: a slow
-client slows the desktop down instead of filling our memory).  An EOF is
-passed on as a half-close where the transport can do it (plain TCP); TLS has
-no half-close, so when the desktop side ends, the client connection is
-closed.  Setting ``stop`` (abort by a newer connection or by an admin, or the
+The NX protocol is opaque here.  Two pumps (:func:`qvd.core.streams.copy_stream`)
+copy each way and wait for the destination to drain before reading more
+(back-pressure: a slow client slows the desktop down instead of filling our
+memory).  An EOF is passed on as a half-close where the transport can do it
+(plain TCP); TLS has no half-close, so when the desktop side ends, the client
+connection is closed.  Setting ``stop`` (abort by a newer connection or by an admin, or the
 L7R stopping) ends both directions at once.
 """
 
@@ -18,9 +18,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+from qvd.core.streams import copy_stream
 
-CHUNK = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,25 +63,6 @@ async def close_writer(writer: asyncio.StreamWriter, timeout: float = 2.0) -> No
         writer.transport.abort()
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: Callable[[int], None]) -> bool:
-    """Copy until EOF; returns whether the EOF could be passed on as a half-close."""
-    while True:
-        try:
-            data = await src.read(CHUNK)
-        except (ConnectionError, OSError):
-            data = b""
-        if not data:
-            break
-        dst.write(data)
-        count(len(data))
-        await dst.drain()
-    if dst.can_write_eof() and not dst.transport.is_closing():
-        with contextlib.suppress(OSError, RuntimeError):
-            dst.write_eof()
-            return True
-    return False
-
-
 async def splice(
     client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     desktop: tuple[asyncio.StreamReader, asyncio.StreamWriter],
@@ -115,8 +96,8 @@ async def splice(
             d_writer.write(initial)
             count_in(len(initial))
             await d_writer.drain()
-        up = asyncio.create_task(_pump(c_reader, d_writer, count_in), name="tunnel-up")
-        down = asyncio.create_task(_pump(d_reader, c_writer, count_out), name="tunnel-down")
+        up = asyncio.create_task(copy_stream(c_reader, d_writer, count_in), name="tunnel-up")
+        down = asyncio.create_task(copy_stream(d_reader, c_writer, count_out), name="tunnel-down")
         stopper = asyncio.create_task(stop.wait(), name="tunnel-stop")
         pending: set[asyncio.Task[object]] = {up, down, stopper}
         try:
