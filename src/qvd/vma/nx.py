@@ -98,6 +98,7 @@ def x_state_of(nx: NxState | None) -> XState:
 _IN_PROGRESS = re.compile(r"^Session: (Starting|Suspending|Resuming|Terminating|Aborting) session\b")
 _DONE = re.compile(r"^Session: Session (started|suspended|resumed|terminated|aborted) at\b")
 _PID = re.compile(r"^Info: Agent running with pid '(\d+)'")
+_WAITING = re.compile(r"^Info: Waiting for connection from ")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class NxEvent:
 
     state: NxState | None = None
     pid: int | None = None
+    #: "Info: Waiting for connection from ...": the agent's listening socket is open now
+    waiting: bool = False
 
 
 def parse_line(line: str) -> NxEvent | None:
@@ -117,6 +120,8 @@ def parse_line(line: str) -> NxEvent | None:
     m = _PID.match(line)
     if m:
         return NxEvent(pid=int(m.group(1)))
+    if _WAITING.match(line):
+        return NxEvent(waiting=True)
     return None
 
 

@@ -9,16 +9,20 @@ Life of a session (X states in brackets, see :data:`qvd.vma.nx.X_OF_NX`)::
 
     x_start  --pre_connect hook-->  initiating [starting]
              --worker-->  provisioning [provisioning] --connect hook--> initiating,
-                          nxagent spawned --log--> starting [listening]
+                          nxagent spawned --log--> starting [starting]
+                          --log "Waiting for connection"--> [listening]
     client attaches        --log--> started [connected]   -> desktop programs start now
     client goes / x_suspend --HUP--> suspending -> suspended [suspended]
-    x_start (suspended)    --pre_connect, connect hooks, new options, HUP--> resuming [listening]
+    x_start (suspended)    --pre_connect, connect hooks, new options, HUP--> resuming [starting]
+                           --log "Waiting for connection"--> [listening]
     client attaches        --log--> resumed [connected]   -> xrefresh nudges a repaint
     x_stop / logout        --TERM--> terminating [stopping] -> terminated [stopped]
 
 Timeouts (checked by :meth:`SessionManager.tick`, which the monitor thread calls
 every 0.2 s and every ``x_state`` call runs first):
 
+* a resume signal nxagent does not act on within ``internal.nxagent.timeout.listening``:
+  back to suspended (the next ``x_start`` signals it again);
 * listening longer than ``internal.nxagent.timeout.listening``: a session that
   was never connected is terminated (nothing is lost: the desktop programs start
   only at the first connection); a *resumed* session goes back to suspended with
@@ -163,6 +167,7 @@ class SessionManager:
         self._threaded = threaded  # tests run the set-up worker inline
         self._lock = threading.RLock()
         self._nx = NxState.STOPPED
+        self._accepting = False  # nxagent said "Waiting for connection" since it began starting/resuming
         self._since = clock()
         self._seq = 0  # counts state changes; "already signalled in this state" compares it
         self._busy = False  # an x_start is running hooks / the worker is setting up
@@ -191,6 +196,10 @@ class SessionManager:
     def _xstate(self) -> XState:
         if self._stop_at is not None and self._nx not in FINAL_NX_STATES:
             return XState.STOPPING
+        if self._nx in (NxState.STARTING, NxState.RESUMING) and not self._accepting:
+            # nxagent announces "Starting/Resuming session" a moment before its socket listens:
+            # saying "listening" then sends the L7R's connection into a closed port.
+            return XState.STARTING
         return x_state_of(self._nx)
 
     def x_state(self) -> XState:
@@ -238,6 +247,8 @@ class SessionManager:
         old_x = self._xstate()
         old = self._nx
         self._nx = new
+        if new in (NxState.STARTING, NxState.RESUMING):
+            self._accepting = False
         self._since = self._clock()
         self._seq += 1
         new_x = self._xstate()
@@ -364,6 +375,8 @@ class SessionManager:
                     continue
                 if ev.state is not None:
                     self._apply(ev.state)
+                elif ev.waiting:
+                    self._accepting = True
                 elif ev.pid is not None and self._proc is not None and ev.pid != self._proc.pid:
                     log.warning("nxagent reports pid %d, expected %d", ev.pid, self._proc.pid)
         if self._proc is not None and not self._proc.alive():
@@ -402,6 +415,11 @@ class SessionManager:
             return
         if self._nx is NxState.INITIATING and not self._busy and not self._connected_once and age > t.listening:
             self._request_stop_locked("nxagent did not start listening")
+        elif self._nx is NxState.INITIATING and not self._busy and age > t.listening:
+            # A resume whose SIGHUP nxagent did not act on: the agent is still suspended; say so,
+            # so that the next x_start signals it again instead of waiting here for ever.
+            log.warning("nxagent did not resume within %g s of the signal; the session stays suspended", t.listening)
+            self._set_nx(NxState.SUSPENDED, quiet=True)
         elif self._nx is NxState.STARTING and age > t.listening:
             self._request_stop_locked(f"no client attached to the new session within {t.listening:g} s")
         elif self._nx is NxState.RESUMING:
@@ -640,10 +658,13 @@ class SessionManager:
                 if ev and ev.state:
                     self._apply(ev.state, replay=True)
                     replayed = True
+                elif ev and ev.waiting:
+                    self._accepting = True
             saved = self._dir.read_state()
             if not replayed and saved is not None and saved[0] in {s.value for s in NxState}:
                 # No log (deleted?): all we know is the last state written and that the pid lives.
                 self._set_nx(NxState(saved[0]), quiet=True)
+                self._accepting = True
             if saved is not None and saved[0] == str(self._nx):
                 self._since = self._clock() - max(0.0, self._wall() - saved[1])
             log.info("re-attached to nxagent pid %d of user %s in state %s", pid, account.name, self._nx)

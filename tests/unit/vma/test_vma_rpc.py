@@ -113,6 +113,8 @@ def test_agent_over_http(tmp_path: Path) -> None:
         assert call("x_state") == (True, "stopped")
         assert call("x_start", **{"qvd.vm.user.name": "bob", "qvd.client.link": "wan"}) == (True, "starting")
         rig.emit("Session: Starting session at 'x'.")
+        assert call("x_state") == (True, "starting")  # announced, not yet listening
+        rig.emit("Info: Waiting for connection from any host on socket 'tcp:*:4100'.")
         assert call("x_state") == (True, "listening")
         ok, msg = call("x_start", **{"qvd.client.geometry": "1x1"})
         assert not ok and "qvd.client.geometry" in str(msg)

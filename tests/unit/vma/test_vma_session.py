@@ -11,11 +11,13 @@ from qvd.vma.provision import Account
 from qvd.vma.session import MSG_CONNECTED, REFRESH_AFTER_RESUME, REFRESH_AFTER_START, SessionRequest
 from tests.unit.vma.vma_fakes import TIMEOUTS, Rig, make_rig
 
-STARTING = "Session: Starting session at 'x'."
+WAITING = "Info: Waiting for connection from any host on socket 'tcp:*:4100'."
+# nxagent opens its socket right after announcing the session: the rig emits both lines.
+STARTING = "Session: Starting session at 'x'.\n" + WAITING
 STARTED = "Session: Session started at 'x'."
 SUSPENDING = "Session: Suspending session at 'x'."
 SUSPENDED = "Session: Session suspended at 'x'."
-RESUMING = "Session: Resuming session at 'x'."
+RESUMING = "Session: Resuming session at 'x'.\n" + WAITING
 RESUMED = "Session: Session resumed at 'x'."
 TERMINATING = "Session: Terminating session at 'x'."
 TERMINATED = "Session: Session terminated at 'x'."
@@ -109,6 +111,36 @@ def test_suspend_and_resume(rig: Rig) -> None:
         rig.manager.tick()
     assert rig.runtime.refreshes > before
     assert rig.manager.info()["x_state"] == "connected"
+
+
+def test_listening_only_once_nxagent_opened_its_socket(rig: Rig) -> None:
+    """"Starting/Resuming session" comes a moment before the socket listens: the L7R must not connect yet."""
+    rig.manager.x_start(rig.request())
+    rig.emit("Session: Starting session at 'x'.")
+    assert rig.state() == "starting"
+    rig.emit(WAITING)
+    assert rig.state() == "listening"
+    rig.emit(STARTED, SUSPENDING, SUSPENDED)
+    assert rig.manager.x_start(rig.request()) == "starting"
+    rig.emit("Session: Resuming session at 'x'.")
+    assert rig.state() == "starting"  # the "Waiting" line of the first start does not count again
+    rig.emit(WAITING)
+    assert rig.state() == "listening"
+
+
+def test_resume_signal_ignored_goes_back_to_suspended(rig: Rig) -> None:
+    connected(rig)
+    rig.manager.x_suspend()
+    rig.emit(SUSPENDING, SUSPENDED)
+    assert rig.manager.x_start(rig.request()) == "starting"
+    assert rig.agent.signals == ["HUP", "HUP"]
+    rig.clock.advance(TIMEOUTS.listening + 0.1)
+    rig.manager.tick()  # nxagent never said "Resuming session"
+    assert rig.state() == "suspended"
+    assert rig.manager.x_start(rig.request()) == "starting"
+    assert rig.agent.signals == ["HUP", "HUP", "HUP"]  # signalled again
+    rig.emit(RESUMING, RESUMED)
+    assert rig.state() == "connected"
 
 
 def test_x_start_while_connected_suspends_for_takeover(rig: Rig) -> None:
