@@ -244,3 +244,17 @@ def test_audit_log_is_append_only(api: RunningApi, c: httpx.Client) -> None:
     with pytest.raises(Exception, match="append-only"), api.node.engine.begin() as conn:
         conn.execute(text("UPDATE audit_log SET status = 'x'"))
     assert len(audit_rows(api)) >= 2
+
+
+def test_host_stop_command(api: RunningApi, c: httpx.Client) -> None:
+    h = c.post("/api/v1/hosts", json={"name": "node9", "address": "10.231.0.9"}).json()
+    body = problem(c.post(f"/api/v1/hosts/{h['id']}/stop"), 409)  # no node daemon runs there
+    assert "no node daemon to stop" in body["detail"]
+    with api.node.factory() as s, s.begin():
+        s.execute(update(HostRuntime).where(HostRuntime.host_id == h["id"]).values(state=HostState.RUNNING))
+    r = c.post(f"/api/v1/hosts/{h['id']}/stop")
+    assert r.status_code == 200, r.text
+    with api.node.factory() as s:
+        assert s.get(HostRuntime, h["id"]).cmd.value == "stop"  # type: ignore[union-attr]
+    assert any(a.action == "host.stop" and a.object_id == h["id"] for a in audit_rows(api))
+    problem(c.post("/api/v1/hosts/999999/stop"), 404)

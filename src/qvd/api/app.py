@@ -332,6 +332,10 @@ def create_app(factory: sessionmaker[Session], node: Config, paths: Paths) -> Fa
     def vm_disconnect(obj_id: int, actor: ActorDep) -> Any:
         return jsonable(vms.disconnect_vm(f, actor, node, obj_id))
 
+    @api.post("/hosts/{obj_id}/stop", tags=["host"])
+    def host_stop(obj_id: int, actor: ActorDep) -> Any:
+        return jsonable(hosts.stop_host(f, actor, obj_id))
+
     @api.post("/hosts/{obj_id}/stop_vms", tags=["host"])
     def host_stop_vms(obj_id: int, actor: ActorDep) -> Any:
         return jsonable(hosts.stop_vms_of_host(f, actor, obj_id))

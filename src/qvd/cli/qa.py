@@ -96,7 +96,7 @@ verbs:
   get [f1, f2]              list (default columns per object)
   new k=v, k2=v2            create
   set k=v, ...              update every match
-  del  block  unblock       vm: start stop disconnect; host: stop_vms
+  del  block  unblock       vm: start stop disconnect; host: stop stop_vms
   tag t1, t2  untag t1      di tags
   prop k=v  unprop k        custom properties (user vm host osf di)
   config: get, set key=value [, tenant=NAME], default (revert to the default)

@@ -101,7 +101,7 @@ def verbs_for(obj: str) -> tuple[str, ...]:
     if obj == "vm":
         verbs += ["start", "stop", "disconnect"]
     elif obj == "host":
-        verbs += ["stop_vms"]
+        verbs += ["stop", "stop_vms"]
     elif obj == "di":
         verbs += ["tag", "untag"]
     if obj in _WITH_PROPERTIES:

@@ -30,7 +30,7 @@ T = TypeVar("T")
 # Permissions are "<object>.<verb>".  "*" grants everything.
 OBJECTS = ("tenant", "admin", "role", "user", "osf", "di", "vm", "host", "config", "audit", "property")
 VERBS = ("see", "create", "update", "delete", "block")
-EXTRA_PERMISSIONS = ("vm.start", "vm.stop", "vm.disconnect", "di.tag", "host.stop_vms")
+EXTRA_PERMISSIONS = ("vm.start", "vm.stop", "vm.disconnect", "di.tag", "host.stop_vms", "host.stop")
 ALL_PERMISSIONS = tuple(f"{o}.{v}" for o in OBJECTS for v in VERBS) + EXTRA_PERMISSIONS
 
 

@@ -8,9 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qvd.core.errors import AlreadyExists, InputError, InvalidState
-from qvd.core.states import HostState, VmState
+from qvd.core.states import HostCmd, HostState, VmState
 from qvd.db.models import Host, HostRuntime, ObjectType, Vm, VmRuntime
-from qvd.services.base import Actor, Change, audited, reading
+from qvd.services.base import Actor, Change, audited, notify, reading
 from qvd.services.common import NAME_RE, Args, delete_all_properties, set_properties, view_row, with_properties
 from qvd.services.lookup import get_host
 from qvd.services.query import Page, list_rows
@@ -124,6 +124,26 @@ def delete_host(factory: sessionmaker[Session], actor: Actor, hid: int) -> None:
         s.delete(h)
 
     audited(factory, actor, "host.delete", "host", work)
+
+
+def stop_host(factory: sessionmaker[Session], actor: Actor, hid: int) -> dict[str, Any]:
+    """Ask the host's node daemon to stop (command ``stop`` + NOTIFY): it stops its desktops and exits."""
+    actor.require("host.stop")
+
+    def work(s: Session, ch: Change) -> dict[str, Any]:
+        actor.require_platform("stop node daemons")
+        h = get_host(s, actor, hid)
+        ch.object_id, ch.object_name = h.id, h.name
+        if h.runtime.state not in (HostState.STARTING, HostState.RUNNING):
+            raise InvalidState(f"host '{h.name}' is {h.runtime.state.value}: there is no node daemon to stop")
+        ch.before = {"cmd": h.runtime.cmd.value if h.runtime.cmd else None}
+        h.runtime.cmd = HostCmd.STOP
+        s.flush()
+        notify(s, f"qvd_cmd_for_host{h.id}")
+        ch.after = {"cmd": HostCmd.STOP.value}
+        return view_row(s, HOST, actor, h.id, ObjectType.HOST)
+
+    return audited(factory, actor, "host.stop", "host", work)
 
 
 def stop_vms_of_host(factory: sessionmaker[Session], actor: Actor, hid: int) -> dict[str, Any]:

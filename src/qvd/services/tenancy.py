@@ -44,7 +44,8 @@ BUILTIN_ROLES: dict[str, tuple[str, list[str]]] = {
     "operator": (
         "sees everything; starts, stops, disconnects and blocks",
         [p for p in ALL_PERMISSIONS if p.endswith(".see")]
-        + ["vm.start", "vm.stop", "vm.disconnect", "vm.block", "user.block", "host.block", "host.stop_vms"],
+        + ["vm.start", "vm.stop", "vm.disconnect", "vm.block", "user.block", "host.block", "host.stop_vms",
+           "host.stop"],
     ),
     "reader": ("sees everything, changes nothing", [p for p in ALL_PERMISSIONS if p.endswith(".see")]),
 }
