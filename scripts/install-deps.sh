@@ -7,7 +7,7 @@ set -euo pipefail
 RUN_PKGS=(
   python3 python3-venv python3-dev ca-certificates curl
   postgresql
-  lxc uidmap mmdebstrap debootstrap zstd iproute2 iptables bridge-utils
+  lxc uidmap mmdebstrap debootstrap zstd iproute2 iptables nftables bridge-utils
   nxagent nxproxy
 )
 TEST_PKGS=(

@@ -24,8 +24,10 @@ writes into the system layer from the node's ``vma.*``, ``internal.nxagent.*`` a
 display that matches ``spec.nx_port`` (NX port = 4000 + display).
 
 Network: veth ``qvd<vm_id>`` on ``vm.network.bridge``, eth0 in the desktop with
-``spec.address``; the policy (no desktop<->desktop, no desktop->node, no
-forwarding) is described in :mod:`qvd.backends.netsetup`.
+``spec.address``; the node's own address on the bridge is :func:`bridge_address`.
+The policy (no desktop<->desktop, on one node or across nodes; no desktop->node; any
+node -> any desktop through the uplink of a cluster; no routing) is described in
+:mod:`qvd.backends.netsetup`.
 """
 
 from __future__ import annotations
@@ -114,14 +116,21 @@ def veth_name(vm_id: int) -> str:
     return netsetup.check_ifname(f"{VETH_PREFIX}{vm_id}")
 
 
-def bridge_address(cfg: Config) -> ipaddress.IPv4Interface:
-    """The node's address on the desktop network: ``vm.network.gateway`` or network + 1."""
+def desktop_network(cfg: Config) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]:
+    """(the desktop network, its first desktop address) from ``vm.network.ip.start``/``netmask``."""
     start = cfg.get_str("vm.network.ip.start")
     mask = cfg.get_str("vm.network.netmask")
     try:
-        net = ipaddress.IPv4Network(f"{start}/{mask}", strict=False)
+        return ipaddress.IPv4Network(f"{start}/{mask}", strict=False), ipaddress.IPv4Address(start)
     except ValueError as e:
         raise BackendError(f"vm.network.ip.start/vm.network.netmask do not form a network: {e}") from None
+
+
+def bridge_address(cfg: Config) -> ipaddress.IPv4Interface:
+    """The node's address on the desktop network: ``vm.network.host.address`` when set (a cluster:
+    one address per node, in the host range network + 1 .. ip.start - 1), else the gateway
+    (``vm.network.gateway`` or network + 1)."""
+    net, first_desktop = desktop_network(cfg)
     gw_raw = cfg.get_str("vm.network.gateway")
     try:
         gw = ipaddress.IPv4Address(gw_raw) if gw_raw else net.network_address + 1
@@ -129,7 +138,20 @@ def bridge_address(cfg: Config) -> ipaddress.IPv4Interface:
         raise BackendError(f"invalid vm.network.gateway {gw_raw!r}: expected an IPv4 address") from None
     if gw not in net:
         raise BackendError(f"vm.network.gateway {gw} is outside the desktop network {net}")
-    return ipaddress.IPv4Interface(f"{gw}/{net.prefixlen}")
+    host_raw = cfg.get_str("vm.network.host.address").strip()
+    if not host_raw:
+        return ipaddress.IPv4Interface(f"{gw}/{net.prefixlen}")
+    try:
+        host = ipaddress.IPv4Address(host_raw)
+    except ValueError:
+        raise BackendError(f"invalid vm.network.host.address {host_raw!r}: expected an IPv4 address") from None
+    if host not in net:
+        raise BackendError(f"vm.network.host.address {host} is outside the desktop network {net}")
+    if not net.network_address < host < first_desktop:
+        raise BackendError(f"vm.network.host.address {host} is not in the nodes' range of the desktop network: "
+                           f"it must be from {net.network_address + 1} to {first_desktop - 1} "
+                           f"(desktops start at vm.network.ip.start = {first_desktop})")
+    return ipaddress.IPv4Interface(f"{host}/{net.prefixlen}")
 
 
 def _hostname(spec: DesktopSpec) -> str:
@@ -233,9 +255,11 @@ class LxcBackend(Backend):
         ok, why = self.supported()
         if not ok:
             raise BackendError(f"LXC backend unusable: {why}")
-        if self.firewall and shutil.which("iptables") is None:
-            raise BackendError("iptables is missing: needed to isolate desktops "
-                               "(internal.vm.network.firewall.enable)")
+        missing = [t for t in ("iptables", "nft") if shutil.which(t) is None] if self.firewall else []
+        if missing:
+            raise BackendError(f"{' and '.join(missing)} missing: needed to isolate desktops "
+                               "(apt-get install iptables nftables, or set internal.vm.network.firewall.enable "
+                               "= false)")
         for d in (self.basefs, self.overlays, self.homes, self.lxcpath, self.logdir):
             d.mkdir(parents=True, exist_ok=True)
         for d in (self.basefs, self.overlays, self.lxcpath):
@@ -243,7 +267,17 @@ class LxcBackend(Backend):
                 await self._remove_tree(doomed)  # an earlier delete was interrupted
         await netsetup.ensure_bridge(self.bridge, bridge_address(self.cfg))
         if self.firewall:
-            await netsetup.ensure_firewall(self.bridge)
+            self._check_bridge_ports()
+            net, first_desktop = desktop_network(self.cfg)
+            await netsetup.ensure_firewall(self.bridge, net, first_desktop, VETH_PREFIX)
+
+    def _check_bridge_ports(self) -> None:
+        """Refuse an uplink named like a desktop's veth: the firewall would treat it as one."""
+        for port in netsetup.bridge_ports(self.bridge):
+            if port.startswith(VETH_PREFIX) and not re.fullmatch(re.escape(VETH_PREFIX) + r"[0-9]+", port):
+                raise BackendError(f"bridge {self.bridge} has a port named {port}: names starting with "
+                                   f"{VETH_PREFIX!r} are reserved for desktops' veths (the firewall treats them "
+                                   "as desktop ports); rename that interface")
 
     async def teardown_network(self) -> None:
         """Remove the bridge and its firewall rules (tests, node decommissioning).

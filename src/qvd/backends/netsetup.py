@@ -6,18 +6,49 @@ timeout, failures raised as :class:`~qvd.core.errors.BackendError` naming the
 command.  The ``lxc-*`` and ``tar`` calls live in the "privileged commands"
 section of :mod:`qvd.backends.lxc` and use :func:`run` too.
 
+The desktop network is one flat IPv4 network (``vm.network.ip.start`` /
+``vm.network.netmask``): nodes use network + 1 .. ip.start - 1 (the "host range"),
+desktops ip.start .. broadcast - 1 (the "desktop range").  On one node the bridge
+carries the node's address and the desktops' veths.  In a cluster the operator also
+enslaves a NIC (the "uplink") in every node's bridge, so that all bridges form one
+L2 segment and any node reaches any desktop; each node then has its own address in
+the host range (``vm.network.host.address``).
+
 Network policy for the desktops' bridge (set by :func:`ensure_firewall`):
 
-* desktops cannot talk to each other: every desktop's bridge port is "isolated"
-  (``bridge link set dev <veth> isolated on``; isolated ports only forward to
-  non-isolated ones, i.e. the bridge itself).  Tested on this kernel: works for
-  IPv4 and IPv6 alike, and needs no br_netfilter.  (nft-based ebtables refuses
-  ``--logical-in``; iptables FORWARD only sees bridged frames when the host sets
-  ``bridge-nf-call-iptables``, which we do not want to depend on.)
-* desktops cannot open connections to the node: INPUT from the bridge accepts
-  only ESTABLISHED/RELATED, so the node reaches the VMA and nxagent in the desktop
-  but nothing in the desktop reaches the node's services, on any of its addresses;
-* nothing is forwarded between the bridge and other interfaces;
+* desktops on one node cannot talk to each other: every desktop's bridge port is
+  "isolated" (``bridge link set dev <veth> isolated on``; isolated ports only forward
+  to non-isolated ones: the bridge itself and the uplink).  Tested on this kernel:
+  works for IPv4 and IPv6 alike, and needs no br_netfilter.
+* frames the bridge forwards between a desktop's port and another port (in practice
+  the uplink) pass an nftables ``bridge`` table, ``qvd_<bridge>``
+  (:func:`bridge_ruleset`).  From a desktop's port: ARP whose sender address is in the
+  desktop range, and IPv4 from the desktop range to the host range (replies to the
+  nodes).  To a desktop's port: ARP, and IPv4 from the host range to the desktop range
+  (any node reaching the VMA and nxagent of any desktop).  Everything else is dropped:
+  desktop <-> desktop across nodes, IPv6, other ether types, and a desktop forging a
+  node's address (desktops keep CAP_NET_RAW, so their root could send such frames).
+  Frames to and from the node itself do not pass the bridge's forward hook.  Desktop
+  ports are told by their name (the prefix the backend gives its veths, ``qvd`` +
+  VM id): this kernel has no ``meta ibrname`` (``CONFIG_NFT_BRIDGE_META``), so the
+  table cannot select its bridge by name.  An uplink must not be named like that
+  (it would be treated as a desktop port and cross-node traffic refused);
+  :meth:`qvd.backends.lxc.LxcBackend.check` refuses such a port.  Several QVD bridges
+  in one network namespace (several node roots on one machine, as in the tests) must
+  not span nodes: every table judges the desktop ports of all of them.
+* desktops cannot open connections to any node: INPUT from the bridge accepts
+  only ESTABLISHED/RELATED, so a node reaches the desktops (its own and, through the
+  uplink, the other nodes') but nothing in a desktop reaches a node's services, on
+  any of its addresses.  The node's connections to a desktop on another node come
+  back through the uplink into its own bridge as ESTABLISHED;
+* nothing is routed between the bridge and other interfaces (iptables FORWARD in and
+  out of the bridge: DROP).  When br_netfilter is loaded (it is built into this
+  kernel, and Docker loads it) bridged IPv4 frames also traverse iptables FORWARD;
+  they are accepted there (``-m physdev --physdev-is-bridged``) because the nftables
+  table above has already judged them, while routed packets are still dropped.  The
+  physdev rule is only added when br_netfilter is present (``/proc/sys/net/bridge``):
+  the match would load the module, which then sends every bridge's frames through
+  iptables.  If br_netfilter is loaded after the node daemon started, restart it;
 * IPv6 is off on the bridge, so desktops have no IPv6 path to the node at all.
 """
 
@@ -49,18 +80,21 @@ class CommandResult:
     stderr: str
 
 
-async def run(argv: list[str], *, timeout: float = 30.0, check: bool = True) -> CommandResult:
-    """Run one command.  With ``check``, a non-zero exit raises BackendError."""
+async def run(argv: list[str], *, timeout: float = 30.0, check: bool = True,
+              input_text: str | None = None) -> CommandResult:
+    """Run one command, with ``input_text`` on its stdin.  With ``check``, a non-zero exit raises BackendError."""
     log.debug("run %s", argv)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *argv, stdin=asyncio.subprocess.DEVNULL if input_text is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
     except OSError as e:
         raise BackendError(f"cannot run {argv[0]}: {e.strerror}") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(
+            proc.communicate(None if input_text is None else input_text.encode()), timeout)
     except (TimeoutError, asyncio.CancelledError) as e:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -114,7 +148,7 @@ def port_isolated(name: str) -> bool:
 
 
 async def ensure_bridge(bridge: str, address: ipaddress.IPv4Interface) -> None:
-    """Create ``bridge`` with ``address`` (the desktops' gateway) if needed; bring it up."""
+    """Create ``bridge`` if needed, give it ``address`` (the node's address on it), bring it up."""
     check_ifname(bridge)
     if link_exists(bridge):
         if not is_bridge(bridge):
@@ -155,8 +189,67 @@ def _chains(bridge: str) -> tuple[str, str]:
     return f"QVD-IN-{bridge}", f"QVD-FWD-{bridge}"
 
 
+def bridge_table(bridge: str) -> str:
+    """Name of the nftables ``bridge`` table filtering what ``bridge`` forwards."""
+    return f"qvd_{check_ifname(bridge)}"
+
+
 def _tools() -> list[str]:
     return [t for t in ("iptables", "ip6tables") if shutil.which(t)]
+
+
+def _span(first: ipaddress.IPv4Address, last: ipaddress.IPv4Address) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def address_ranges(net: ipaddress.IPv4Network, first_desktop: ipaddress.IPv4Address) -> tuple[str | None, str | None]:
+    """(host range, desktop range) of the desktop network as nftables ranges; None when empty.
+
+    Nodes: network + 1 .. ``first_desktop`` - 1; desktops: ``first_desktop`` .. broadcast - 1.
+    """
+    if first_desktop not in net:
+        raise BackendError(f"first desktop address {first_desktop} (vm.network.ip.start) is outside {net}")
+    lowest, highest = net.network_address + 1, net.broadcast_address - 1
+    hosts = _span(lowest, first_desktop - 1) if first_desktop > lowest else None
+    desktops = _span(max(first_desktop, lowest), highest) if highest >= max(first_desktop, lowest) else None
+    return hosts, desktops
+
+
+def bridge_ruleset(bridge: str, net: ipaddress.IPv4Network, first_desktop: ipaddress.IPv4Address,
+                   desktop_port_prefix: str) -> str:
+    """The ``nft -f`` input that atomically (re)places the bridge table of ``bridge``.
+
+    Only frames the bridge forwards between two of its ports reach the ``forward`` hook;
+    the chains judge those coming from or going to a desktop's port (``<prefix>*``).
+    """
+    table = bridge_table(bridge)
+    check_ifname(desktop_port_prefix)
+    hosts, desktops = address_ranges(net, first_desktop)
+    from_desktop: list[str] = []
+    to_desktop = ["ether type arp accept"]
+    if desktops is not None:
+        from_desktop.append(f"ether type arp arp saddr ip {desktops} accept")
+    if hosts is not None and desktops is not None:
+        from_desktop.append(f"ip saddr {desktops} ip daddr {hosts} accept")
+        to_desktop.append(f"ip saddr {hosts} ip daddr {desktops} accept")
+
+    def chain(name: str, rules: list[str]) -> str:
+        return f"\tchain {name} {{\n" + "".join(f"\t\t{r}\n" for r in [*rules, "drop"]) + "\t}\n"
+
+    return (f"# QVD: what bridge {bridge} forwards from and to desktops ({net}, desktops from {first_desktop})\n"
+            f"table bridge {table}\ndelete table bridge {table}\n"
+            f"table bridge {table} {{\n"
+            "\tchain forward {\n"
+            "\t\ttype filter hook forward priority filter; policy accept;\n"
+            f"\t\tiifname \"{desktop_port_prefix}*\" jump from_desktop\n"
+            f"\t\toifname \"{desktop_port_prefix}*\" jump to_desktop\n"
+            "\t}\n"
+            + chain("from_desktop", from_desktop) + chain("to_desktop", to_desktop) + "}\n")
+
+
+def br_netfilter_active() -> bool:
+    """Whether bridged IPv4 frames may traverse iptables here (br_netfilter present in this netns)."""
+    return Path("/proc/sys/net/bridge").is_dir()
 
 
 async def _ensure_jump(tool: str, parent: str, match: list[str], chain: str) -> None:
@@ -165,17 +258,32 @@ async def _ensure_jump(tool: str, parent: str, match: list[str], chain: str) -> 
         await run([tool, "-w", "-I", *rule])
 
 
-async def ensure_firewall(bridge: str) -> None:
-    """Install (or refresh) the desktop isolation rules for ``bridge``.  Idempotent."""
+async def ensure_firewall(bridge: str, net: ipaddress.IPv4Network, first_desktop: ipaddress.IPv4Address,
+                          desktop_port_prefix: str) -> None:
+    """Install (or refresh) the desktop isolation rules for ``bridge``.  Idempotent.
+
+    ``net`` and ``first_desktop`` give the address plan; desktops' bridge ports are the
+    ones named ``desktop_port_prefix`` + something.
+    """
     check_ifname(bridge)
     tools = _tools()
     if "iptables" not in tools:
         raise BackendError("iptables is not installed: cannot isolate desktops from the node "
                            "(apt-get install iptables, or set internal.vm.network.firewall.enable = false)")
+    if shutil.which("nft") is None:
+        raise BackendError("nft is not installed: cannot filter what the desktop bridge forwards "
+                           "(apt-get install nftables, or set internal.vm.network.firewall.enable = false)")
+    # First the bridge table: the physdev ACCEPT below relies on it.  One nft transaction:
+    # the old table is replaced without a moment with no rules.
+    await run(["nft", "-f", "-"], timeout=10, input_text=bridge_ruleset(bridge, net, first_desktop,
+                                                                        desktop_port_prefix))
     chain_in, chain_fwd = _chains(bridge)
+    forward = [["-j", "DROP"]]
+    if br_netfilter_active():
+        forward.insert(0, ["-m", "physdev", "--physdev-is-bridged", "-j", "ACCEPT"])
     wanted = {
         chain_in: [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"], ["-j", "DROP"]],
-        chain_fwd: [["-j", "DROP"]],
+        chain_fwd: forward,
     }
     for tool in tools:
         for chain, rules in wanted.items():
@@ -206,6 +314,10 @@ async def remove_firewall(bridge: str) -> None:
             if (await run([tool, "-w", "-n", "-L", chain], check=False)).returncode == 0:
                 await run([tool, "-w", "-F", chain])
                 await run([tool, "-w", "-X", chain])
+    if shutil.which("nft") is not None:
+        table = bridge_table(bridge)
+        # Declaring the table first makes the delete succeed whether or not it exists.
+        await run(["nft", "-f", "-"], timeout=10, input_text=f"table bridge {table}\ndelete table bridge {table}\n")
 
 
 async def delete_bridge(bridge: str) -> None:
