@@ -105,6 +105,8 @@ class HkdNode:
     pids: list[int] = field(default_factory=list)
     timings: dict[str, list[float]] = field(default_factory=dict)
     osf: str = "desktop"
+    #: database.url of the node; empty = SQLite under the root
+    db_url: str = ""
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -123,6 +125,8 @@ class HkdNode:
             "internal.hkd.vmhandler.vma.failed.max_time.on.starting": 90.0,
             **extra,
         }
+        if self.db_url:
+            values["database.url"] = self.db_url
         self.paths.etc.mkdir(parents=True, exist_ok=True)
         self.paths.node_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         self.cfg = load_node_config(self.root)
@@ -130,7 +134,7 @@ class HkdNode:
     def setup(self) -> None:
         self.paths = Paths(self.root)
         self.configure()
-        self.engine = make_engine(f"sqlite:///{self.paths.sqlite_db}")
+        self.engine = make_engine(self.db_url or f"sqlite:///{self.paths.sqlite_db}")
         upgrade(self.engine)
         self.factory = make_sessionmaker(self.engine)
         with self.factory() as s, s.begin():

@@ -2,7 +2,8 @@
 
 Start (each step logged; a failure undoes the steps before it, in reverse)::
 
-    1 lock        exclusive flock on $QVD_ROOT/run/hkd.lock (one HKD per root)
+    1 lock        exclusive flock on $QVD_ROOT/run/hkd.lock (one HKD per root); make sure
+                  the node's fence guard runs (:mod:`qvd.hkd.guard`)
     2 database    open it (node file: database.url), read the global config rows
     3 schema      refuse a database whose schema is not this code's
     4 host        find the hosts row by name (or register it); refuse another address,
@@ -12,8 +13,20 @@ Start (each step logged; a failure undoes the steps before it, in reverse)::
     7 reconcile   adopt desktops that still run and answer; reap the rest; remove orphans
     8 running     host state -> running with a first heartbeat; start the loops
 
-Loops: heartbeat (+ self-fencing), command handler (+ PostgreSQL LISTEN), expiration
-monitor, and one task per desktop (:mod:`qvd.hkd.vm_handler`).
+Loops: heartbeat (+ self-fencing; each good beat rewrites run/hkd.heartbeat for the fence
+guard), command handler (+ PostgreSQL LISTEN), expiration monitor, cluster monitor, and one
+task per desktop (:mod:`qvd.hkd.vm_handler`).
+
+Cluster monitor (every ``internal.hkd.agent.cluster_monitor.delay`` s plus a little
+jitter): a peer that is running or stopping and whose heartbeat is older than
+``internal.hkd.cluster.node.timeout`` is declared ``lost``; its desktops are written
+stopped (the next connection starts them on another node) and its connections reset or
+aborted (:meth:`HkdStore.declare_lost_peers`).  Heartbeats carry each node's clock, so
+the nodes need synchronised clocks (NTP), and the lost timeout must stay comfortably
+above the self-fencing timeout ``internal.hkd.agent.ticker.timeout``: a node cut off
+from the database stops its own desktops before a peer lets them start elsewhere.  A
+lost node that comes back finds its heartbeat refused, fences, and rejoins through
+``starting`` (its reconciliation removes the desktops the database moved away).
 
 Stop (SIGTERM/SIGINT or host command ``stop``): stop claiming, host -> stopping, give
 back unclaimed start commands, stop every desktop (graceful, then forced, within
@@ -30,6 +43,7 @@ import fcntl
 import functools
 import logging
 import os
+import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -48,7 +62,8 @@ from qvd.db.models import utcnow
 from qvd.db.schema import require_current
 from qvd.hkd import notify, sysinfo
 from qvd.hkd.context import ContextLog, DbRunner, HandlerContext
-from qvd.hkd.store import HkdStore
+from qvd.hkd.guard import HeartbeatFile, ensure_guard
+from qvd.hkd.store import HkdStore, LostHost
 from qvd.hkd.vm_handler import VmHandler
 from qvd.hkd.vma_client import HttpVmaClient, VmaClient
 
@@ -69,10 +84,11 @@ def _short(e: BaseException) -> str:
 
 class NodeDaemon:
     """One HKD.  ``backend``/``vma`` may be injected (unit tests); otherwise they come
-    from ``vm.hypervisor`` and :class:`HttpVmaClient`."""
+    from ``vm.hypervisor`` and :class:`HttpVmaClient`.  ``guard=False``: start no fence
+    guard (:mod:`qvd.hkd.guard`; never started for the in-process fake backend)."""
 
     def __init__(self, paths: Paths, node_cfg: Config, name: str, address: str, *,
-                 backend: Backend | None = None, vma: VmaClient | None = None) -> None:
+                 backend: Backend | None = None, vma: VmaClient | None = None, guard: bool = True) -> None:
         self.paths = paths
         self.node_cfg = node_cfg
         self.cfg = node_cfg
@@ -94,6 +110,9 @@ class NodeDaemon:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._signals = 0
+        self.guard = guard
+        self._heartbeat_file = HeartbeatFile(paths.run, self.log)
+        self._judging_since: float | None = None  # monotonic time from which the cluster monitor counts
 
     # --- public ------------------------------------------------------------------------------
 
@@ -174,6 +193,13 @@ class NodeDaemon:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         self._undo.append(("lock", self._release_lock))
+        # The fence guard stops this node's desktops if this process dies and no HKD comes
+        # back in time.  The fake backend's desktops live in this process: no guard sees them.
+        # Only in a cluster (PostgreSQL): on a single node (SQLite) no peer can restart the desktops,
+        # so stopping them would only end the users' sessions while the daemon restarts.
+        if (self.guard and self.node_cfg.get_str("vm.hypervisor") != "fake"
+                and database_url(self.node_cfg, self.paths).startswith("postgresql")):
+            self.log.info("%s", await ensure_guard(self.paths))
 
     async def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -243,6 +269,7 @@ class NodeDaemon:
         self._loops["heartbeat"] = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         self._loops["commands"] = asyncio.create_task(self._command_loop(), name="commands")
         self._loops["expiration"] = asyncio.create_task(self._expiration_loop(), name="expiration")
+        self._loops["cluster"] = asyncio.create_task(self._cluster_loop(), name="cluster")
         assert self.engine is not None
         if self.engine.dialect.name == "postgresql":
             hid = self._store().host_id
@@ -392,13 +419,17 @@ class NodeDaemon:
 
     async def _beat(self) -> bool:
         cap = await self._capacity()
-        return bool(await self.db(self._store().heartbeat, os.getpid(), cap))
+        ok = bool(await self.db(self._store().heartbeat, os.getpid(), cap))
+        if ok:
+            self._heartbeat_file.touch(os.getpid(), self.cfg)  # what the fence guard watches
+        return ok
 
     async def _fence(self, why: str) -> None:
         """Stop every local desktop without the database: peers may restart them elsewhere."""
         if self.fenced:
             return
         self.fenced = True
+        self._judging_since = None
         self.log.error("self-fencing: %s; stopping every local desktop", why)
         await self._cancel_handlers()
         await self._teardown_all("stopped by self-fencing")
@@ -486,13 +517,60 @@ class NodeDaemon:
             else:
                 await h.expire(_iso(exp.soft), _iso(exp.hard))
 
+    async def _cluster_loop(self) -> None:
+        delay = self.cfg.get_float("internal.hkd.agent.cluster_monitor.delay")
+        lost_after = self.cfg.get_float("internal.hkd.cluster.node.timeout")
+        fence_after = self.cfg.get_float("internal.hkd.agent.ticker.timeout")
+        beat = self.cfg.get_float("internal.hkd.agent.ticker.delay")
+        if lost_after <= fence_after + beat:
+            self.log.warning("internal.hkd.cluster.node.timeout (%g s) should be well above "
+                             "internal.hkd.agent.ticker.timeout + internal.hkd.agent.ticker.delay (%g s): a peer "
+                             "may restart desktops of a node before that node has fenced itself",
+                             lost_after, fence_after + beat)
+        while True:
+            # The jitter keeps the monitors of a cluster from always racing each other.
+            await asyncio.sleep(delay + random.uniform(0, delay / 4))
+            try:
+                await self.check_cluster()
+            except (SQLAlchemyError, QvdError) as e:
+                self.log.warning("cluster check failed: %s", _short(e))
+
+    async def check_cluster(self) -> list[LostHost]:
+        """One round of the cluster monitor: declare ``lost`` the peers whose heartbeat is older
+        than ``internal.hkd.cluster.node.timeout``.
+
+        Skipped while this node is fenced, and until it has been up (not fenced) for one
+        whole timeout: after a database outage every heartbeat is old, and the first node
+        back must leave the others the time to write theirs.
+        """
+        timeout = self.cfg.get_float("internal.hkd.cluster.node.timeout")
+        now = time.monotonic()
+        if self.fenced or not self.accepting:
+            self._judging_since = None
+            return []
+        if self._judging_since is None:
+            self._judging_since = now
+        if now - self._judging_since < timeout:
+            return []
+        lost = await self.db(self._store().declare_lost_peers, timeout)
+        for h in lost:
+            since = f"no heartbeat for {h.silence:.0f} s" if h.silence is not None else "it never wrote a heartbeat"
+            aborted = sum(len(v) for v in h.aborted.values())
+            self.log.error(
+                "declared host '%s' (id %d) lost: %s (internal.hkd.cluster.node.timeout = %g); %d desktop(s) "
+                "written stopped%s; %d connection(s) through its L7R reset; %d connection(s) of other L7Rs "
+                "told to close", h.name, h.id, since, timeout, len(h.vms),
+                (" (" + ", ".join(f"vm_id={i} {n}" for i, n in h.vms.items()) + ")") if h.vms else "",
+                len(h.disconnected), aborted)
+        return lost
+
     # --- stop --------------------------------------------------------------------------------
 
     async def shutdown(self) -> int:
         """Stop every desktop and leave the host ``stopped``; 0 when nothing is left running."""
         self.accepting = False
         self.wake.set()
-        for name in ("commands", "expiration", "listener"):
+        for name in ("commands", "expiration", "cluster", "listener"):
             t = self._loops.pop(name, None)
             if t is not None:
                 t.cancel()
@@ -513,6 +591,8 @@ class NodeDaemon:
         if hb is not None:
             hb.cancel()
             await asyncio.gather(hb, return_exceptions=True)
+        if not left:
+            self._heartbeat_file.remove()  # a clean stop: the fence guard has nothing left to watch
         try:
             async with asyncio.timeout(_SHUTDOWN_DB_TIMEOUT):
                 await self.db(store.move_host, HostState.STOPPED, pid=None)

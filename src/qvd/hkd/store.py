@@ -9,6 +9,11 @@ waits on the network, a backend or a lock of ours.
 Every state write is a compare-and-swap on ``(vm_id, host_id = this node, vm_state =
 expected)``; a False return means somebody else changed the row (a peer declared the
 node lost, an administrator acted) and the caller must not overwrite it.
+
+The one write about OTHER nodes is :meth:`HkdStore.declare_lost_peers` (the cluster
+monitor): a peer whose heartbeat is too old becomes ``lost`` and its desktops and
+connections are reset, all in one transaction guarded by a compare-and-swap on the
+peer's state and heartbeat, so that of several monitors racing exactly one declares it.
 """
 
 from __future__ import annotations
@@ -19,18 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from qvd.backends.base import DesktopSpec
 from qvd.core.config import Config, Paths
 from qvd.core.errors import Blocked, Conflict, IllegalTransition, NotFound
-from qvd.core.states import HostCmd, HostState, VmCmd, VmState, check_host_transition, check_vm_transition
+from qvd.core.states import (
+    HostCmd,
+    HostState,
+    UserCmd,
+    UserState,
+    VmCmd,
+    VmState,
+    check_host_transition,
+    check_user_transition,
+    check_vm_transition,
+)
 from qvd.db.engine import transaction
 from qvd.db.models import Di, DiTag, Host, HostRuntime, Osf, Vm, VmRuntime, utcnow
 from qvd.db.queries import cas_host_state, cas_update, load_db_config
 from qvd.hkd.sysinfo import Capacity
-from qvd.services.base import Actor, Change, write_audit
+from qvd.services.base import Actor, Change, notify, write_audit
 from qvd.services.hosts import register_host
 from qvd.services.vms import mac_for
 
@@ -40,6 +55,13 @@ _COUNTED = (VmState.RUNNING, VmState.DEBUGGING)
 _RUNTIME_CLEARED: dict[str, Any] = {
     "host_id": None, "vm_address": None, "vm_vma_port": None, "vm_x_port": None, "current_di_id": None,
     "expiration_soft": None, "expiration_hard": None, "vma_ok_ts": None, "vm_step": "", "vm_cmd": None,
+}
+# Peers the cluster monitor watches: a daemon that is starting writes no heartbeat yet,
+# a stopped one has nothing to lose, a lost one was already declared.
+_WATCHED = (HostState.RUNNING, HostState.STOPPING)
+# Columns of a connection that no L7R holds.
+_CONNECTION_CLEARED: dict[str, Any] = {
+    "user_state": UserState.DISCONNECTED, "user_cmd": None, "l7r_host_id": None, "l7r_pid": None, "l7r_conn": None,
 }
 
 
@@ -61,6 +83,18 @@ class VmRecord:
     state: VmState
     step: str
     cmd: VmCmd | None
+
+
+@dataclass(frozen=True)
+class LostHost:
+    """A peer this node declared ``lost``, and what that reset."""
+
+    id: int
+    name: str
+    silence: float | None  # seconds since its last heartbeat; None = it never wrote one
+    vms: dict[int, str]  # desktops written stopped: vm_id -> name
+    disconnected: list[int]  # VMs whose connection ran through the lost node's L7R (reset)
+    aborted: dict[int, list[int]]  # L7R host id -> VMs whose connection it must close
 
 
 @dataclass(frozen=True)
@@ -203,6 +237,102 @@ class HkdStore:
                         load=capacity.load)
             )
             return cas_update(s, stmt)
+
+    def declare_lost_peers(self, timeout: float) -> list[LostHost]:
+        """Declare ``lost`` every other node that is running or stopping and whose heartbeat
+        (``ok_ts``) is older than ``timeout`` seconds; one transaction.
+
+        For each, a compare-and-swap on (state running/stopping, ``ok_ts`` still old): when
+        several monitors race, the first commits and the others match nothing (on SQLite
+        the write lock orders them, on PostgreSQL the row lock does and the condition is
+        evaluated again).  With it, in the same transaction: the node's desktops are
+        written ``stopped`` with their runtime fields and pending command cleared and the
+        reason in ``last_error`` (the next connection starts them elsewhere), connections
+        through the node's L7R are reset to ``disconnected``, connections held by another
+        node's L7R to one of those desktops get ``user_cmd='abort'`` with a NOTIFY to that
+        L7R, and one audit row is written.
+
+        ``ok_ts`` is written with each node's clock and compared with this node's: the
+        nodes need synchronised clocks (NTP).  ``timeout``
+        (``internal.hkd.cluster.node.timeout``) must be comfortably above the self-fencing
+        timeout (``internal.hkd.agent.ticker.timeout``), so that a node cut off from the
+        database has stopped its desktops before a peer lets them start elsewhere.
+        """
+        check_host_transition(HostState.RUNNING, HostState.LOST)
+        check_host_transition(HostState.STOPPING, HostState.LOST)
+        now = utcnow()
+        cutoff = now - dt.timedelta(seconds=timeout)
+        stale = or_(HostRuntime.ok_ts.is_(None), HostRuntime.ok_ts < cutoff)
+        out: list[LostHost] = []
+        with transaction(self.factory) as s:
+            peers = s.execute(
+                select(Host.id, Host.name, HostRuntime.state, HostRuntime.ok_ts)
+                .join(HostRuntime, HostRuntime.host_id == Host.id)
+                .where(Host.id != self.host_id, HostRuntime.state.in_(_WATCHED), stale)
+                .order_by(Host.id)
+            ).all()
+            for hid, name, state, ok_ts in peers:
+                won = cas_update(s, update(HostRuntime).where(
+                    HostRuntime.host_id == hid, HostRuntime.state.in_(_WATCHED), stale,
+                ).values(state=HostState.LOST, state_ts=now))
+                if won:
+                    silence = (now - ok_ts).total_seconds() if ok_ts is not None else None
+                    out.append(self._reset_lost(s, int(hid), str(name), HostState(state), ok_ts, silence, now))
+        return out
+
+    def _reset_lost(self, s: Session, hid: int, name: str, was: HostState, ok_ts: dt.datetime | None,
+                    silence: float | None, now: dt.datetime) -> LostHost:
+        """The desktops and connections of a node just declared lost (the caller's transaction)."""
+        since = f"no heartbeat for {silence:.0f} s" if silence is not None else "it never wrote a heartbeat"
+        reason = (f"node '{name}' was lost ({since}; declared by node '{self.node_name}'); the desktop was "
+                  "stopped there and starts on another node at the next connection")
+        for st in VmState:
+            if st != VmState.STOPPED:
+                check_vm_transition(st, VmState.STOPPED)
+        vm_ids = [int(v) for v in s.scalars(
+            update(VmRuntime).where(VmRuntime.host_id == hid)
+            .values(vm_state=VmState.STOPPED, vm_state_ts=now, **_RUNTIME_CLEARED, last_error=reason[:4000],
+                    last_error_ts=now)
+            .returning(VmRuntime.vm_id)
+            .execution_options(synchronize_session=False)
+        ).all()]
+        vms: dict[int, str] = {}
+        if vm_ids:
+            vms = {int(v): str(n) for v, n in s.execute(select(Vm.id, Vm.name).where(Vm.id.in_(vm_ids))).all()}
+        # Tunnels of surviving L7Rs to these desktops: close them now (they lead nowhere).
+        aborted: dict[int, list[int]] = {}
+        if vm_ids:
+            for vid, l7r_host in s.execute(
+                update(VmRuntime)
+                .where(VmRuntime.vm_id.in_(vm_ids), VmRuntime.l7r_host_id.is_not(None), VmRuntime.l7r_host_id != hid,
+                       VmRuntime.user_state.in_([UserState.CONNECTING, UserState.CONNECTED]))
+                .values(user_cmd=UserCmd.ABORT)
+                .returning(VmRuntime.vm_id, VmRuntime.l7r_host_id)
+                .execution_options(synchronize_session=False)
+            ).all():
+                aborted.setdefault(int(l7r_host), []).append(int(vid))
+        for l7r_host in aborted:
+            notify(s, f"qvd_cmd_for_user_on_host{l7r_host}")
+        # Connections through the lost node's own L7R: nobody can close them any more.
+        check_user_transition(UserState.CONNECTING, UserState.DISCONNECTED)
+        check_user_transition(UserState.CONNECTED, UserState.DISCONNECTED)
+        disconnected = sorted(int(v) for v in s.scalars(
+            update(VmRuntime).where(VmRuntime.l7r_host_id == hid)
+            .values(user_state_ts=now, **_CONNECTION_CLEARED)
+            .returning(VmRuntime.vm_id)
+            .execution_options(synchronize_session=False)
+        ).all())
+        lost = LostHost(hid, name, silence, dict(sorted(vms.items())), disconnected,
+                        {h: sorted(v) for h, v in sorted(aborted.items())})
+        message = (f"node '{self.node_name}' declared host '{name}' lost ({since}); "
+                   f"{len(vms)} desktop(s) stopped" + (f": {', '.join(vms.values())}" if vms else ""))
+        write_audit(s, self.actor, "host.lost",
+                    Change("host", hid, name, before={"state": was, "ok_ts": ok_ts},
+                           after={"state": HostState.LOST, "declared_by": self.node_name,
+                                  "stopped_vms": sorted(vms), "disconnected_vms": disconnected,
+                                  "aborted_vms": sorted(v for vs in aborted.values() for v in vs)}),
+                    message=message[:4000])
+        return lost
 
     def promised_memory(self) -> int:
         with transaction(self.factory) as s:

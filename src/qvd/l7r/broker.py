@@ -24,6 +24,15 @@ that sends one ``102 Processing`` line) and answers a :class:`Reply`, or for
 From step 2 on, every failure answers ``503 The requested virtual machine is
 not available: <reason>, retry later.`` (the reference often just closed the
 connection) and gives the VM back (``disconnected``).
+
+A desktop whose node died: while the VM is assigned to a node that is ``lost``, or
+whose heartbeat is older than ``internal.hkd.cluster.node.timeout`` (about to be
+declared lost by a peer's cluster monitor), ``connect_to_vm`` answers 503 at once with
+"retry in a few seconds" instead of waiting for the start timeout; once declared lost
+the VM is ``stopped`` and the next connection starts it on another node.  A tunnel to
+a desktop of a node declared lost is told to abort (``user_cmd`` + NOTIFY) by the
+monitor and closed with that reason; when this L7R's own node is declared lost its
+connections were reset by the monitor, and it closes their tunnels.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qvd.core.config import Config
 from qvd.core.errors import AuthenticationFailed, InputError, InvalidState, QvdError
 from qvd.core.states import UserCmd, UserState, VmCmd, VmState
+from qvd.db.models import utcnow
 from qvd.l7r import store
 from qvd.l7r.auth.base import Identity, VmInfo
 from qvd.l7r.auth.chain import AuthChain, ConfigCache
@@ -71,6 +81,13 @@ PROGRESS_EVERY = 2.0
 MSG_NO_VM = "The requested virtual machine does not exist"
 MSG_VM_BLOCKED = "The requested virtual machine is offline for maintenance"
 MSG_ABORTED = "Aborted by contending session"
+RETRY_LATER = "retry later"
+RETRY_SOON = "retry in a few seconds"
+
+
+def node_lost(name: str) -> str:
+    """Why a session ends when its desktop's node was declared lost."""
+    return f"the desktop's node '{name}' was lost; it starts again on another node at the next connection"
 
 
 def new_slave_key() -> str:
@@ -96,6 +113,10 @@ class SessionFailed(QvdError):
     code = "session-failed"
     http_status = 503
 
+    def __init__(self, message: str, *, retry: str = RETRY_LATER) -> None:
+        super().__init__(message)
+        self.retry = retry
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -114,8 +135,8 @@ class Reply:
         return cls(200, (json.dumps(value, indent=2, ensure_ascii=True) + "\n").encode(), "application/json")
 
 
-def unavailable(reason: str) -> Reply:
-    return Reply.text(503, f"The requested virtual machine is not available: {reason}, retry later.")
+def unavailable(reason: str, retry: str = RETRY_LATER) -> Reply:
+    return Reply.text(503, f"The requested virtual machine is not available: {reason}, {retry}.")
 
 
 @dataclass(eq=False)
@@ -129,10 +150,15 @@ class LiveSession:
     started: float = field(default_factory=time.monotonic)
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     why_aborted: str = ""
+    retry: str = RETRY_LATER
+    #: the node the desktop was last seen assigned to (to tell a lost node from a take-over)
+    vm_host_id: int | None = None
+    vm_host_name: str = ""
 
-    def stop(self, why: str) -> None:
+    def stop(self, why: str, retry: str = RETRY_LATER) -> None:
         if not self.abort.is_set():
             self.why_aborted = why
+            self.retry = retry
             self.abort.set()
 
 
@@ -208,6 +234,14 @@ class Broker:
         except Exception:
             self.counters.restore(deltas)
             raise
+        if self.status.state == "lost" and self.sessions:
+            # A peer's cluster monitor reset our connections: the database no longer says we hold
+            # these VMs, so nobody could tell us to let go of them.
+            for s in list(self.sessions.values()):
+                if not s.abort.is_set():
+                    log.warning("vm %s: closing the session of %s: this node was declared lost by the cluster",
+                                s.vm_id, s.identity.display)
+                    s.stop("this node was declared lost by the cluster", RETRY_SOON)
         return self.status
 
     async def refresh_loop(self, period: float = 1.0) -> None:
@@ -226,11 +260,38 @@ class Broker:
         for vm_id, conn_id in await self.db.run(store.aborted_connections, self.host_id, self.pid):
             s = self.sessions.get(conn_id)
             if s is not None and not s.abort.is_set():
-                log.info("vm %s: closing the session of %s on request (take-over or admin disconnect)",
-                         vm_id, s.identity.display)
-                s.stop(MSG_ABORTED)
+                lost = await self._lost_node(s)
+                if lost is not None:
+                    log.warning("vm %s: closing the session of %s: %s", vm_id, s.identity.display, node_lost(lost))
+                    s.stop(node_lost(lost), RETRY_SOON)
+                else:
+                    log.info("vm %s: closing the session of %s on request (take-over or admin disconnect)",
+                             vm_id, s.identity.display)
+                    s.stop(MSG_ABORTED)
                 n += 1
         return n
+
+    async def _lost_node(self, session: LiveSession) -> str | None:
+        """The name of the desktop's node if it was declared lost (a reason to abort), else None."""
+        if session.vm_host_id is None:
+            return None
+        state, _backend = await self.db.run(store.host_state_of, session.vm_host_id)
+        if state != "lost":
+            return None
+        return session.vm_host_name or f"#{session.vm_host_id}"
+
+    def _node_down(self, rt: store.Runtime, cfg: Config) -> str | None:
+        """Why the node the VM is assigned to cannot serve it now (lost, or silent too long), or None."""
+        if rt.host_id is None or rt.host_state is None:
+            return None
+        if rt.host_state == "lost":
+            return node_lost(rt.host_name)
+        if rt.host_state in ("running", "stopping") and rt.host_ok_ts is not None:
+            silence = (utcnow() - rt.host_ok_ts).total_seconds()
+            if silence > cfg.get_float("internal.hkd.cluster.node.timeout"):
+                return (f"the desktop's node '{rt.host_name}' has not answered for {silence:.0f} s and is about to "
+                        "be declared lost; the desktop then starts on another node")
+        return None
 
     async def abort_watch_loop(self) -> None:
         """Poll for aborts every :attr:`abort_poll` s, or at once when a NOTIFY sets :attr:`wake_watcher`."""
@@ -402,7 +463,7 @@ class Broker:
             await self.give_back(session)
             self.metrics.session_failures.inc()
             log.info("vm %s: connection of %s failed: %s", vm_id, ident.display, e.message)
-            return unavailable(e.message)
+            return unavailable(e.message, e.retry if isinstance(e, SessionFailed) else RETRY_LATER)
         except QvdError as e:
             await self.give_back(session)
             self.metrics.session_failures.inc()
@@ -424,7 +485,7 @@ class Broker:
 
     def _check(self, session: LiveSession) -> None:
         if session.abort.is_set():
-            raise SessionFailed(session.why_aborted or MSG_ABORTED)
+            raise SessionFailed(session.why_aborted or MSG_ABORTED, retry=session.retry)
 
     async def _pause(self, session: LiveSession, seconds: float) -> None:
         """Sleep, but wake up (and fail) at once when the session is aborted."""
@@ -494,9 +555,18 @@ class Broker:
             if rt is None:
                 raise SessionFailed("the virtual machine was deleted")
             if rt.l7r_conn != session.conn_id or rt.user_cmd == UserCmd.ABORT.value:
+                self._check(session)
+                lost = await self._lost_node(session)
+                if lost is not None:
+                    raise SessionFailed(node_lost(lost), retry=RETRY_SOON)
                 raise SessionFailed(MSG_ABORTED)
             if rt.blocked:
                 raise SessionFailed("the virtual machine was blocked for maintenance")
+            if rt.host_id is not None:
+                session.vm_host_id, session.vm_host_name = rt.host_id, rt.host_name
+                down = self._node_down(rt, cfg)
+                if down is not None:
+                    raise SessionFailed(down, retry=RETRY_SOON)
             if rt.vm_state is VmState.RUNNING and rt.vm_cmd is None and rt.vm_address and rt.vm_x_port:
                 return rt
             if rt.vm_state is VmState.STOPPED and rt.vm_cmd is None:
@@ -627,9 +697,12 @@ class Broker:
             if duration < short:
                 self.counters.add("short_sessions")
             await self.give_back(s)
-            log.info("vm %s: tunnel of %s closed after %.1f s (ended by %s; %d bytes in, %d out)",
-                     s.vm_id, s.identity.display, duration, result.ended_by or s.why_aborted or "shutdown",
-                     result.bytes_in, result.bytes_out)
+            if result.ended_by and result.ended_by != "stop":
+                ended = f"ended by {result.ended_by}"
+            else:
+                ended = f"closed by the broker: {s.why_aborted or 'shutdown'}"
+            log.info("vm %s: tunnel of %s closed after %.1f s (%s; %d bytes in, %d out)",
+                     s.vm_id, s.identity.display, duration, ended, result.bytes_in, result.bytes_out)
         return result
 
     async def shutdown(self, grace: float) -> None:

@@ -178,6 +178,10 @@ class Runtime:
     vm_x_port: int | None
     last_error: str
     blocked: bool
+    #: the node the VM is assigned to (``host_id``): name, state and last heartbeat
+    host_name: str = ""
+    host_state: str | None = None
+    host_ok_ts: dt.datetime | None = None
 
 
 def read_runtime(factory: Factory, vm_id: int) -> Runtime | None:
@@ -185,12 +189,16 @@ def read_runtime(factory: Factory, vm_id: int) -> Runtime | None:
         rt = s.get(VmRuntime, vm_id)
         if rt is None:
             return None
+        host = s.get(Host, rt.host_id) if rt.host_id is not None else None
         return Runtime(
             vm_state=rt.vm_state, vm_cmd=rt.vm_cmd.value if rt.vm_cmd else None, host_id=rt.host_id,
             user_state=rt.user_state, user_cmd=rt.user_cmd.value if rt.user_cmd else None,
             l7r_host_id=rt.l7r_host_id, l7r_pid=rt.l7r_pid, l7r_conn=rt.l7r_conn, vm_address=rt.vm_address,
             vm_vma_port=rt.vm_vma_port, vm_x_port=rt.vm_x_port, last_error=rt.last_error or "",
             blocked=rt.blocked,
+            host_name=host.name if host is not None else "",
+            host_state=host.runtime.state.value if host is not None else None,
+            host_ok_ts=host.runtime.ok_ts if host is not None else None,
         )
 
 
