@@ -41,12 +41,13 @@ class Node:
     factory: sessionmaker[Session]
 
 
-def open_node(root_arg: str | None, extra: dict[str, object] | None = None) -> Node:
+def open_node(root_arg: str | None, extra: dict[str, object] | None = None, *,
+              idle_in_transaction_timeout: float | None = None) -> Node:
     root = resolve_root(root_arg)
     cfg = load_node_config(root, extra)
     paths = Paths.for_node(root, cfg)
     url = database_url(cfg, paths)
-    engine = make_engine(url)
+    engine = make_engine(url, idle_in_transaction_timeout=idle_in_transaction_timeout)
     return Node(paths, cfg, url, engine, make_sessionmaker(engine))
 
 

@@ -18,6 +18,8 @@ from qvd.core.errors import ConfigError
 # Seconds to open a PostgreSQL connection; milliseconds a sent packet may stay unacknowledged.
 _PG_CONNECT_TIMEOUT = 4
 _PG_TCP_USER_TIMEOUT_MS = 4000
+#: idle_in_transaction_timeout of the daemons (HKD, L7R): below the self-fencing timeout.
+DAEMON_IDLE_IN_TRANSACTION = 5.0
 
 
 def database_url(cfg: Config, paths: Paths) -> str:
@@ -49,7 +51,15 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str, **kw: Any) -> Engine:
+def make_engine(url: str, *, idle_in_transaction_timeout: float | None = None, **kw: Any) -> Engine:
+    """An engine for ``url``.
+
+    ``idle_in_transaction_timeout`` (PostgreSQL, seconds): the server ends a session of ours
+    that stays inside a transaction without a word this long.  The daemons, whose
+    transactions last milliseconds, set it: a node cut off in the middle of a transaction
+    must not keep its row locks (and so block the peers that declare it lost) until the
+    server's TCP keep-alive notices, two hours later by default.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10}, **kw)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -64,8 +74,12 @@ def make_engine(url: str, **kw: Any) -> Engine:
         return engine
     # A node cut off from the database must notice within seconds (self-fencing), not after the
     # kernel's TCP retransmission timeout (~15 min): bound connecting and unacknowledged writes.
-    connect_args = {"connect_timeout": _PG_CONNECT_TIMEOUT, "tcp_user_timeout": _PG_TCP_USER_TIMEOUT_MS,
-                    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2}
+    connect_args: dict[str, Any] = {
+        "connect_timeout": _PG_CONNECT_TIMEOUT, "tcp_user_timeout": _PG_TCP_USER_TIMEOUT_MS,
+        "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
+    }
+    if idle_in_transaction_timeout:
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout * 1000)}"
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args, **kw)
 
 

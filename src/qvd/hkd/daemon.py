@@ -57,7 +57,7 @@ from qvd.backends.base import Backend, DesktopSpec, backend_class
 from qvd.core.config import Config, Paths
 from qvd.core.errors import InvalidState, QvdError, Unavailable
 from qvd.core.states import HostState, VmState
-from qvd.db.engine import database_url, make_engine, make_sessionmaker
+from qvd.db.engine import DAEMON_IDLE_IN_TRANSACTION, database_url, make_engine, make_sessionmaker
 from qvd.db.models import utcnow
 from qvd.db.schema import require_current
 from qvd.hkd import notify, sysinfo
@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 # Bound of the final forced pass at shutdown, after internal.hkd.stopping.vms.timeout.
 _FORCED_PASS_TIMEOUT = 30.0
+# Desktops stopped at once when the node fences itself.
+_TEARDOWN_PARALLEL = 16
 # Bound of each database write while stopping (the SQLite busy timeout is 10 s).
 _SHUTDOWN_DB_TIMEOUT = 15.0
 
@@ -208,7 +210,7 @@ class NodeDaemon:
 
     async def _step_database(self) -> None:
         url = database_url(self.node_cfg, self.paths)
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, idle_in_transaction_timeout=DAEMON_IDLE_IN_TRANSACTION)
         self._undo.append(("database", self._close_database))
         self.store = HkdStore(make_sessionmaker(self.engine), self.node_cfg, self.paths, self.name)
 
@@ -399,15 +401,21 @@ class NodeDaemon:
         timeout = self.cfg.get_float("internal.hkd.agent.ticker.timeout")
         last_ok = time.monotonic()
         while True:
+            # While the database does not answer, no wait (for an answer or for the next try)
+            # may run past the fencing deadline: peers count on this node having stopped its
+            # desktops by then.
+            left = last_ok + timeout - time.monotonic()
+            limit = max(delay, 1.0) if self.fenced else max(0.2, min(max(delay, 1.0), left))
             try:
-                async with asyncio.timeout(max(delay, 1.0)):
+                async with asyncio.timeout(limit):
                     ok = await self._beat()
             except (SQLAlchemyError, OSError, TimeoutError) as e:
                 down = time.monotonic() - last_ok
                 self.log.warning("heartbeat not written (%.0f s without): %s", down, _short(e) or "timed out")
-                if down > timeout and not self.fenced:
+                if down >= timeout and not self.fenced:
                     await self._fence(f"the heartbeat could not be written for {down:.0f} s "
                                       f"(internal.hkd.agent.ticker.timeout = {timeout:g})")
+                pause = delay if self.fenced else min(delay, max(0.0, last_ok + timeout - time.monotonic()))
             else:
                 last_ok = time.monotonic()
                 if not ok:
@@ -415,7 +423,8 @@ class NodeDaemon:
                     await self._rejoin()
                 elif self.fenced:
                     await self._unfence()
-            await asyncio.sleep(delay)
+                pause = delay
+            await asyncio.sleep(pause)
 
     async def _beat(self) -> bool:
         cap = await self._capacity()
@@ -442,13 +451,19 @@ class NodeDaemon:
         except (QvdError, OSError) as e:
             self.log.error("cannot list desktops: %s", _short(e))
             return
-        for d in infos:
-            try:
-                await backend.stop(d.vm_id)
-                await backend.cleanup(d.vm_id)
-                self.log.warning("vm_id=%d: %s", d.vm_id, why)
-            except (QvdError, OSError) as e:
-                self.log.error("vm_id=%d: cannot stop the desktop (%s): %s", d.vm_id, why, _short(e))
+        room = asyncio.Semaphore(_TEARDOWN_PARALLEL)
+
+        async def down(vm_id: int) -> None:
+            async with room:
+                try:
+                    await backend.stop(vm_id)
+                    await backend.cleanup(vm_id)
+                    self.log.warning("vm_id=%d: %s", vm_id, why)
+                except (QvdError, OSError) as e:
+                    self.log.error("vm_id=%d: cannot stop the desktop (%s): %s", vm_id, why, _short(e))
+
+        # All at once (bounded): when fencing, every second counts before peers restart them.
+        await asyncio.gather(*(down(d.vm_id) for d in infos))
 
     async def _unfence(self) -> None:
         self.log.warning("the database answers again: reconciling after self-fencing")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from qvd.backends.base import DesktopSpec
@@ -265,6 +265,10 @@ class HkdStore:
         stale = or_(HostRuntime.ok_ts.is_(None), HostRuntime.ok_ts < cutoff)
         out: list[LostHost] = []
         with transaction(self.factory) as s:
+            if s.get_bind().dialect.name == "postgresql":
+                # A peer cut off inside a transaction may still hold its rows: give up this round
+                # (the next one retries) rather than hang until its session ends.
+                s.execute(text("SET LOCAL lock_timeout = '2s'"))
             peers = s.execute(
                 select(Host.id, Host.name, HostRuntime.state, HostRuntime.ok_ts)
                 .join(HostRuntime, HostRuntime.host_id == Host.id)

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qvd.core.config import Config
@@ -301,6 +302,8 @@ class Broker:
             self.wake_watcher.clear()
             try:
                 await self.check_aborts()
+            except SQLAlchemyError as e:  # database unreachable: one line, not a traceback per poll
+                log.warning("cannot check for aborted sessions: %s", str(e).splitlines()[0][:200])
             except Exception:
                 log.exception("cannot check for aborted sessions")
 

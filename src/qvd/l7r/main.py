@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qvd.cli.common import base_parser, fail, open_node, setup_logging
 from qvd.core.config import Config, Paths
 from qvd.core.errors import QvdError
+from qvd.db.engine import DAEMON_IDLE_IN_TRANSACTION
 from qvd.db.schema import require_current
 from qvd.l7r import store
 from qvd.l7r.auth.base import PluginContext
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address is not None:
         extra["l7r.address"] = args.address
     try:
-        node = open_node(args.root, extra)
+        node = open_node(args.root, extra, idle_in_transaction_timeout=DAEMON_IDLE_IN_TRANSACTION)
     except QvdError as e:
         return fail("qvd-l7r", e)
     setup_logging(node.cfg.get_str("log.level"))
