@@ -32,7 +32,7 @@ T = TypeVar("T")
 FAST: dict[str, object] = {
     "vm.hypervisor": "fake",
     "internal.hkd.agent.ticker.delay": 0.2,
-    "internal.hkd.agent.ticker.timeout": 1.0,
+    "internal.hkd.agent.ticker.timeout": 2.0,
     "internal.hkd.agent.command_handler.delay": 0.1,
     "internal.hkd.agent.expiration_monitor.delay": 1.0,
     "internal.hkd.agent.rpc.timeout": 0.2,

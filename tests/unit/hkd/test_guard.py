@@ -27,7 +27,7 @@ from qvd.backends.fake import FakeBackend, FakeMachine
 from qvd.core.config import Config, Paths, load_node_config
 from qvd.core.states import VmState
 from qvd.hkd import guard as g
-from tests.unit.hkd.hkd_fakes import Node, arun, crash
+from tests.unit.hkd.hkd_fakes import FAST, Node, arun, crash
 
 TIMEOUT = 2.0  # internal.hkd.agent.ticker.timeout of the node file below
 LIMIT = TIMEOUT + g.MARGIN
@@ -307,7 +307,7 @@ def test_the_daemon_keeps_the_heartbeat_file_and_removes_it_at_a_clean_stop(hnod
         await hnode.wait_for("the heartbeat file", hb.exists)
         data = json.loads(hb.read_text())
         assert data["pid"] == os.getpid()
-        assert data["config"]["internal.hkd.agent.ticker.timeout"] == 1.0
+        assert data["config"]["internal.hkd.agent.ticker.timeout"] == FAST["internal.hkd.agent.ticker.timeout"]
         first = hb.stat().st_mtime_ns
         await hnode.wait_for("a newer heartbeat", lambda: hb.stat().st_mtime_ns != first)
         assert await d.shutdown() == 0
@@ -321,7 +321,7 @@ def test_a_crashed_daemon_is_fenced_and_a_quickly_restarted_one_adopts(hnode: No
     """The in-process daemon writes the heartbeat file; crash() is what SIGKILL leaves behind."""
     skew = [0.0]
     guard = g.Guard(hnode.root, wall=lambda: time.time() + skew[0], poll=0.01)
-    limit = 1.0 + g.MARGIN  # FAST: internal.hkd.agent.ticker.timeout = 1.0
+    limit = float(FAST["internal.hkd.agent.ticker.timeout"]) + g.MARGIN  # type: ignore[arg-type]
 
     async def scenario() -> None:
         d = hnode.daemon()
