@@ -211,6 +211,10 @@ def xdo(stack: Stack, *args: str) -> str:
     return r.stdout.strip()
 
 
+MARKER_WORDS = ["apple", "river", "garden", "window", "yellow", "market", "winter", "pencil", "forest", "orange",
+                "camera", "silver", "rocket", "bridge", "planet", "guitar"]
+
+
 def screenshot_text(stack: Stack, path: Path) -> str:
     subprocess.run(["import", "-window", "root", str(path)], env={**stack.env, "DISPLAY": stack.display},
                    check=True, timeout=30)
@@ -251,7 +255,8 @@ def type_into_desktop(stack: Stack, proc: subprocess.Popen[bytes], text: str) ->
 
 
 def test_login_desktop_typing_and_resume(stack: Stack, tmp_path: Path) -> None:
-    marker = f"hello from the desktop {random.randint(1000, 9999)}"
+    # Words, not digits: tesseract reads a terminal's 9 as S now and then.
+    marker = "hello from the desktop " + " ".join(random.sample(MARKER_WORDS, 2))
     first = client(stack, "alice", stack.passwords["alice"])
     try:
         nx_window(stack, first)
