@@ -106,13 +106,13 @@ def test_plugins_by_name(node: NodeFx, monkeypatch: pytest.MonkeyPatch) -> None:
         pick(node, 512, node.cfg.overlay({"l7r.loadbalancer.plugin": "rogue"}, source="test"))
     with pytest.raises(ConfigError, match="not a LoadBalancer subclass"):
         placement.check_plugin(node.cfg.overlay({"l7r.loadbalancer.plugin": "notaplugin"}, source="test"))
-    with pytest.raises(ConfigError, match="no such load balancer plugin"):
+    with pytest.raises(ConfigError, match="unknown load balancer plugin"):
         placement.check_plugin(node.cfg.overlay({"l7r.loadbalancer.plugin": "nosuch"}, source="test"))
     placement.check_plugin(node.cfg)  # the default is fine
 
 
 def test_setting_an_unknown_plugin_is_refused_and_changes_nothing(node: NodeFx) -> None:
-    with pytest.raises(ConfigError, match="no such load balancer plugin"):
+    with pytest.raises(ConfigError, match="unknown load balancer plugin"):
         set_config(node.factory, SYSTEM, node.cfg, "l7r.loadbalancer.plugin", "nosuch")
     with node.factory() as s:
         assert s.scalars(select(ConfigRow).where(ConfigRow.key == "l7r.loadbalancer.plugin")).first() is None

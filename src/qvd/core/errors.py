@@ -135,3 +135,11 @@ class ImageError(QvdError):
 class BackendError(QvdError):
     code = "backend-error"
     http_status = 500
+
+
+def short_message(e: BaseException) -> str:
+    """One line for a log: our message, else the first line of the exception's text, else its type."""
+    if isinstance(e, QvdError):
+        return e.message
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

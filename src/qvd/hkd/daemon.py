@@ -55,7 +55,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from qvd.backends.base import Backend, DesktopSpec, backend_class
 from qvd.core.config import Config, Paths
-from qvd.core.errors import InvalidState, QvdError, Unavailable
+from qvd.core.errors import InvalidState, QvdError, Unavailable, short_message
 from qvd.core.states import HostState, VmState
 from qvd.db.engine import DAEMON_IDLE_IN_TRANSACTION, database_url, make_engine, make_sessionmaker
 from qvd.db.models import utcnow
@@ -75,13 +75,6 @@ _FORCED_PASS_TIMEOUT = 30.0
 _TEARDOWN_PARALLEL = 16
 # Bound of each database write while stopping (the SQLite busy timeout is 10 s).
 _SHUTDOWN_DB_TIMEOUT = 15.0
-
-
-def _short(e: BaseException) -> str:
-    if isinstance(e, QvdError):
-        return e.message
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 class NodeDaemon:
@@ -161,7 +154,7 @@ class NodeDaemon:
             try:
                 await fn()
             except (QvdError, SQLAlchemyError, OSError) as e:
-                msg = _short(e)
+                msg = short_message(e)
                 self.log.error("start step '%s' failed: %s", step, msg)
                 await self._undo_all()
                 raise QvdError(f"{step}: {msg}") from None
@@ -322,7 +315,7 @@ class NodeDaemon:
                 await backend.stop(d.vm_id)
                 await backend.cleanup(d.vm_id)
             except (QvdError, OSError) as e:
-                self.log.error("vm_id=%d: cannot remove the orphan desktop: %s", d.vm_id, _short(e))
+                self.log.error("vm_id=%d: cannot remove the orphan desktop: %s", d.vm_id, short_message(e))
 
     async def _vma_alive(self, spec: DesktopSpec) -> bool:
         backend, cfg = self._backend(), self.cfg
@@ -411,7 +404,7 @@ class NodeDaemon:
                     ok = await self._beat()
             except (SQLAlchemyError, OSError, TimeoutError) as e:
                 down = time.monotonic() - last_ok
-                self.log.warning("heartbeat not written (%.0f s without): %s", down, _short(e) or "timed out")
+                self.log.warning("heartbeat not written (%.0f s without): %s", down, short_message(e) or "timed out")
                 if down >= timeout and not self.fenced:
                     await self._fence(f"the heartbeat could not be written for {down:.0f} s "
                                       f"(internal.hkd.agent.ticker.timeout = {timeout:g})")
@@ -449,7 +442,7 @@ class NodeDaemon:
         try:
             infos = await backend.list_desktops()
         except (QvdError, OSError) as e:
-            self.log.error("cannot list desktops: %s", _short(e))
+            self.log.error("cannot list desktops: %s", short_message(e))
             return
         room = asyncio.Semaphore(_TEARDOWN_PARALLEL)
 
@@ -460,7 +453,7 @@ class NodeDaemon:
                     await backend.cleanup(vm_id)
                     self.log.warning("vm_id=%d: %s", vm_id, why)
                 except (QvdError, OSError) as e:
-                    self.log.error("vm_id=%d: cannot stop the desktop (%s): %s", vm_id, why, _short(e))
+                    self.log.error("vm_id=%d: cannot stop the desktop (%s): %s", vm_id, why, short_message(e))
 
         # All at once (bounded): when fencing, every second counts before peers restart them.
         await asyncio.gather(*(down(d.vm_id) for d in infos))
@@ -470,7 +463,7 @@ class NodeDaemon:
         try:
             await self._reconcile("stopped by self-fencing (the node could not write its heartbeat)")
         except (QvdError, SQLAlchemyError) as e:
-            self.log.error("reconciliation after fencing failed, retrying: %s", _short(e))
+            self.log.error("reconciliation after fencing failed, retrying: %s", short_message(e))
             return
         self.fenced = False
 
@@ -484,7 +477,7 @@ class NodeDaemon:
             await self.db(store.set_host_state, HostState.STARTING, HostState.RUNNING, ok_ts=utcnow(),
                           usable_ram=cap.usable_ram, usable_cpu=cap.usable_cpu, load=cap.load)
         except (QvdError, SQLAlchemyError) as e:
-            self.log.error("rejoining after being declared lost failed, retrying: %s", _short(e))
+            self.log.error("rejoining after being declared lost failed, retrying: %s", short_message(e))
             return
         self.fenced = False
         self.log.warning("rejoined the cluster after being declared lost")
@@ -509,7 +502,7 @@ class NodeDaemon:
                     for vm_id in await self.db(store.claim_start_commands):
                         self._spawn_start(vm_id)
             except (SQLAlchemyError, QvdError) as e:
-                self.log.warning("command poll failed: %s", _short(e))
+                self.log.warning("command poll failed: %s", short_message(e))
 
     async def _expiration_loop(self) -> None:
         delay = self.cfg.get_float("internal.hkd.agent.expiration_monitor.delay")
@@ -520,7 +513,7 @@ class NodeDaemon:
             try:
                 await self.check_expirations()
             except (SQLAlchemyError, QvdError) as e:
-                self.log.warning("expiration check failed: %s", _short(e))
+                self.log.warning("expiration check failed: %s", short_message(e))
 
     async def check_expirations(self) -> None:
         for exp in await self.db(self._store().expired):
@@ -548,7 +541,7 @@ class NodeDaemon:
             try:
                 await self.check_cluster()
             except (SQLAlchemyError, QvdError) as e:
-                self.log.warning("cluster check failed: %s", _short(e))
+                self.log.warning("cluster check failed: %s", short_message(e))
 
     async def check_cluster(self) -> list[LostHost]:
         """One round of the cluster monitor: declare ``lost`` the peers whose heartbeat is older
@@ -600,7 +593,7 @@ class NodeDaemon:
             if given_back:
                 self.log.info("gave back %d unclaimed start command(s)", len(given_back))
         except (SQLAlchemyError, TimeoutError) as e:
-            self.log.error("cannot record the stopping state: %s", _short(e) or "timed out")
+            self.log.error("cannot record the stopping state: %s", short_message(e) or "timed out")
         left = await self._stop_all_desktops()
         hb = self._loops.pop("heartbeat", None)
         if hb is not None:
@@ -612,7 +605,7 @@ class NodeDaemon:
             async with asyncio.timeout(_SHUTDOWN_DB_TIMEOUT):
                 await self.db(store.move_host, HostState.STOPPED, pid=None)
         except (SQLAlchemyError, TimeoutError) as e:
-            self.log.error("cannot record the stopped state: %s", _short(e) or "timed out")
+            self.log.error("cannot record the stopped state: %s", short_message(e) or "timed out")
         self._undo = [u for u in self._undo if u[0] not in ("host state", "desktop handlers")]
         await self._undo_all()
         if left:
@@ -639,7 +632,7 @@ class NodeDaemon:
         try:
             return {d.vm_id for d in await backend.list_desktops()}
         except (QvdError, OSError) as e:
-            self.log.error("cannot list desktops: %s", _short(e))
+            self.log.error("cannot list desktops: %s", short_message(e))
             return {-1}
 
     async def _forced_pass(self) -> None:
@@ -650,7 +643,7 @@ class NodeDaemon:
             async with asyncio.timeout(_SHUTDOWN_DB_TIMEOUT):
                 records = await self.db(self._store().active_vms)
         except (SQLAlchemyError, TimeoutError) as e:
-            self.log.error("cannot read the desktops' states: %s", _short(e) or "timed out")
+            self.log.error("cannot read the desktops' states: %s", short_message(e) or "timed out")
             return
         hs: list[VmHandler] = []
         for rec in records:

@@ -63,9 +63,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from qvd.backends import netsetup
 from qvd.backends.base import Backend, backend_class
 from qvd.core.config import KEYS, Config, Paths, load_node_config, resolve_root
-from qvd.core.errors import InvalidState, QvdError
+from qvd.core.errors import BackendError, InvalidState, QvdError, short_message
 
 PROG = "qvd-hkd-guard"
 HKD_LOCK = "hkd.lock"
@@ -81,13 +82,6 @@ _SHARED_PREFIXES = ("vm.", "internal.vm.", "internal.hkd.")
 _SPAWN_TIMEOUT = 30.0
 
 log = logging.getLogger(__name__)
-
-
-def _short(e: BaseException) -> str:
-    if isinstance(e, QvdError):
-        return e.message
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # --- the heartbeat file (written by the HKD) ---------------------------------------------------
@@ -111,7 +105,7 @@ class HeartbeatFile:
         except OSError as e:
             if not self._failing:
                 self.log.error("cannot write %s (the fence guard will take the node daemon for dead): %s",
-                               self.path, _short(e))
+                               self.path, short_message(e))
             self._failing = True
             return
         if self._failing:
@@ -123,7 +117,7 @@ class HeartbeatFile:
         try:
             self.path.unlink(missing_ok=True)
         except OSError as e:
-            self.log.error("cannot remove %s: %s", self.path, _short(e))
+            self.log.error("cannot remove %s: %s", self.path, short_message(e))
 
 
 @dataclass(frozen=True)
@@ -142,7 +136,7 @@ def read_heartbeat(run_dir: Path) -> Heartbeat | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        log.warning("cannot read %s: %s", path, _short(e))
+        log.warning("cannot read %s: %s", path, short_message(e))
         return Heartbeat(mtime=0.0, pid=None, config={})  # unreadable: as old as can be
     try:
         data = json.loads(raw)
@@ -310,7 +304,7 @@ class Guard:
             backend = self.make_backend(self.root, cfg)
             desktops = await backend.list_desktops()
         except (QvdError, OSError) as e:
-            self._error(f"cannot list the node's desktops: {_short(e)}")
+            self._error(f"cannot list the node's desktops: {short_message(e)}")
             return True
         if not desktops:
             if self.fenced:
@@ -339,7 +333,8 @@ class Guard:
                 await backend.stop(d.vm_id)
                 await backend.cleanup(d.vm_id)
             except Exception as e:  # any failure: retry at the next look
-                log.error("vm_id=%d: cannot stop the desktop (retrying in %g s): %s", d.vm_id, self.poll, _short(e))
+                log.error("vm_id=%d: cannot stop the desktop (retrying in %g s): %s", d.vm_id, self.poll,
+                          short_message(e))
                 continue
             self.fenced.append(d.vm_id)
             log.warning("vm_id=%d: desktop stopped by the fence guard", d.vm_id)
@@ -395,26 +390,14 @@ async def ensure_guard(paths: Paths) -> str:
     namespace).  Returns what happened, for the log; raises InvalidState if it cannot start."""
     paths.log.mkdir(parents=True, exist_ok=True)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qvd.hkd.guard", "--root", str(paths.root), "--detach",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise InvalidState(f"cannot start the fence guard: {e.strerror}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), _SPAWN_TIMEOUT)
-    except (TimeoutError, asyncio.CancelledError) as e:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await asyncio.shield(proc.wait())
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        raise InvalidState(f"the fence guard did not start within {_SPAWN_TIMEOUT:g} s") from None
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines() or [f"exit status {proc.returncode}"]
+        res = await netsetup.run([sys.executable, "-m", "qvd.hkd.guard", "--root", str(paths.root), "--detach"],
+                                 timeout=_SPAWN_TIMEOUT, check=False)
+    except BackendError as e:
+        raise InvalidState(f"cannot start the fence guard: {e.message}") from None
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
         raise InvalidState(f"cannot start the fence guard: {lines[-1]}")
-    return out.decode(errors="replace").strip() or "fence guard started"
+    return res.stdout.strip() or "fence guard started"
 
 
 # --- the command -------------------------------------------------------------------------------

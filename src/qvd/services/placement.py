@@ -25,12 +25,10 @@ starts over equal nodes.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import ClassVar
 
 from sqlalchemy import func, select
@@ -38,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from qvd.core.config import Config
 from qvd.core.errors import ConfigError
+from qvd.core.plugins import load_plugin
 from qvd.core.states import HostState, VmState
 from qvd.db.models import Host, HostRuntime, Osf, Vm, VmRuntime, utcnow
 
@@ -99,20 +98,9 @@ BUILTIN_PLUGINS: Mapping[str, str] = {"default": "qvd.services.placement:Default
 
 def resolve_plugin(name: str) -> type[LoadBalancer]:
     """The load balancer class registered as ``name``; ConfigError naming the key otherwise."""
-    found = entry_points(group=ENTRY_POINT_GROUP).select(name=name)
-    target = next(iter(found)).value if found else BUILTIN_PLUGINS.get(name)
-    if target is None:
-        known = sorted({*BUILTIN_PLUGINS, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
-        raise ConfigError(f"invalid value {name!r} for configuration key 'l7r.loadbalancer.plugin': "
-                          f"no such load balancer plugin (known: {', '.join(known)})")
-    module_name, _, attr = target.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"load balancer plugin '{name}' ({target}) cannot be loaded: {e}") from None
-    if not (isinstance(obj, type) and issubclass(obj, LoadBalancer)):
-        raise ConfigError(f"load balancer plugin '{name}' ({target}) is not a LoadBalancer subclass")
-    return obj
+    cls: type[LoadBalancer] = load_plugin(ENTRY_POINT_GROUP, name, BUILTIN_PLUGINS, LoadBalancer,
+                                          kind="load balancer", where="l7r.loadbalancer.plugin")
+    return cls
 
 
 def check_plugin(cfg: Config) -> None:

@@ -13,13 +13,11 @@ not counted: an LDAP outage must not lock everybody out.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from importlib.metadata import entry_points
 from typing import TypeVar
 
 from sqlalchemy import func, select
@@ -27,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qvd.core.config import Config
 from qvd.core.errors import AuthenticationFailed, ConfigError, QvdError, TooManyFailures
+from qvd.core.plugins import load_plugin
 from qvd.db.engine import transaction
 from qvd.db.models import Tenant, User
 from qvd.db.queries import load_db_config
@@ -53,21 +52,8 @@ PRUNE_EVERY = 500
 
 def resolve_plugin_class(name: str) -> type[AuthPlugin]:
     """The plugin class registered as ``name``.  Raises :class:`ConfigError` for an unknown name."""
-    found = entry_points(group=ENTRY_POINT_GROUP).select(name=name)
-    target = next(iter(found)).value if found else BUILTIN_PLUGINS.get(name)
-    if target is None:
-        known = sorted({*BUILTIN_PLUGINS, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
-        raise ConfigError(
-            f"unknown authentication plugin '{name}' in l7r.auth.plugins(.head/.tail); known: {', '.join(known)}"
-        )
-    module_name, _, attr = target.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"authentication plugin '{name}' ({target}) cannot be loaded: {e}") from None
-    if not (isinstance(obj, type) and issubclass(obj, AuthPlugin)):
-        raise ConfigError(f"authentication plugin '{name}' ({target}) is not an AuthPlugin subclass")
-    return obj
+    return load_plugin(ENTRY_POINT_GROUP, name, BUILTIN_PLUGINS, AuthPlugin, kind="authentication",
+                       where="l7r.auth.plugins(.head/.tail)")
 
 
 def plugin_names(cfg: Config) -> list[str]:
