@@ -5,34 +5,21 @@ the real admin API shows ``failed_logins``/``locked_until`` and the audit rows, 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from qvd.cli import qa
 from qvd.core.errors import TooManyFailures
 from tests.conftest import RunningApi
+from tests.integration.conftest import QaRun
 from tests.unit.auth.rig import login_status, start_rig
-
-Run = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def run(api: RunningApi, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
-    monkeypatch.setenv("QVD_ROOT", str(tmp_path / "empty-root"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-
-    def _run(*words: str, fmt: str = "json") -> tuple[int, str, str]:
-        code = qa.main(["--url", api.url, "--login", "admin", f"--password={api.node.admin_password}",
-                        "--format", fmt, *words])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
+def run(qa_run: QaRun) -> QaRun:
+    return qa_run
 
 
-def test_lockout_visible_in_qa_and_unlocked_by_qa(api: RunningApi, run: Run) -> None:
+def test_lockout_visible_in_qa_and_unlocked_by_qa(api: RunningApi, run: QaRun) -> None:
     tenants = {"default": {"l7r.auth.lockout.max_failures": "3", "l7r.auth.lockout.time": "600",
                            "l7r.auth.lockout.delay": "0"}}
     for rig in start_rig(api.node, tenants=tenants):

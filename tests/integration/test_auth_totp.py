@@ -4,11 +4,11 @@ must appear in the answer once, and nowhere else: not in logs, not in the audit 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,29 +16,18 @@ import pyotp
 import pytest
 from sqlalchemy import select
 
-from qvd.cli import qa
 from qvd.db.models import AuditEntry, User
 from tests.conftest import RunningApi
+from tests.integration.conftest import QaRun
 from tests.unit.auth.rig import login_status, start_rig
-
-Run = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def run(api: RunningApi, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
-    monkeypatch.setenv("QVD_ROOT", str(tmp_path / "empty-root"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-
-    def _run(*words: str, fmt: str = "table") -> tuple[int, str, str]:
-        code = qa.main(["--url", api.url, "--login", "admin", f"--password={api.node.admin_password}",
-                        "--format", fmt, *words])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
+def run(qa_run: QaRun) -> QaRun:
+    return functools.partial(qa_run, fmt="table")
 
 
-def test_qa_totp_enable_login_replay_disable(api: RunningApi, run: Run, tmp_path: Path,
+def test_qa_totp_enable_login_replay_disable(api: RunningApi, run: QaRun, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     node = api.node
@@ -85,7 +74,7 @@ def test_qa_totp_enable_login_replay_disable(api: RunningApi, run: Run, tmp_path
         assert not [r for r in caplog.records if secret.group(1) in r.getMessage()]
 
 
-def test_api_totp_answer_is_not_cached_and_warns_when_not_enforced(api: RunningApi, run: Run) -> None:
+def test_api_totp_answer_is_not_cached_and_warns_when_not_enforced(api: RunningApi, run: QaRun) -> None:
     c = api.client()
     uid = c.post("/api/v1/users", json={"name": "zoe", "password": "pw"}).json()["id"]
     r = c.post(f"/api/v1/users/{uid}/totp")

@@ -11,20 +11,12 @@ from sqlalchemy import func, select
 from qvd.cli import qa
 from qvd.db.models import AuditEntry, User, Vm
 from tests.conftest import RunningApi, make_fake_di
+from tests.integration.conftest import QaRun
 
 
 @pytest.fixture
-def run(api: RunningApi, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("QVD_ROOT", str(tmp_path / "empty-root"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-
-    def _run(*words: str, fmt: str = "json") -> tuple[int, str, str]:
-        code = qa.main(["--url", api.url, "--login", "admin", f"--password={api.node.admin_password}",
-                        "--format", fmt, *words])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
+def run(qa_run: QaRun) -> QaRun:
+    return qa_run
 
 
 def test_qa_issue_flow(run, api: RunningApi, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
